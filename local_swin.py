@@ -1,0 +1,1003 @@
+"""Local learning on a Swin Transformer via feature reconstruction, in one file.
+
+Reference implementation of Pathak, Zhang and Samaras, "Local Learning on Transformers via
+Feature Reconstruction" (arXiv 2212.14215, 2022), on top of the Swin Transformer of Liu et
+al. (arXiv 2103.14030). The network is cut into K gradient-isolated modules; module i < K
+learns from its own auxiliary block (a supervised contrastive loss plus a decoder that
+reconstructs the module's *input features*), module K from the usual cross-entropy. No
+gradient crosses a module boundary, so a module's graph is freed as soon as its loss has
+been backpropagated: peak training memory is that of the largest module, not of the net.
+
+The file follows the paper: 3.1 Swin, 3.2-3.3 modules and split, 3.4 the auxiliary block,
+3.5 the losses, then the greedy training loop and the command line. "METHOD n" in a comment
+points at section n of METHOD.md, which decides every point the paper leaves open.
+
+    python local_swin.py --dataset cifar10 --k 4
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torchvision.ops import StochasticDepth
+
+
+class ConfigError(Exception):
+    """Bad input from the user: the command line prints it as one line and exits non-zero."""
+
+
+# ----------------------------------------------------------------------------------------
+# Paper 3.1: the Swin Transformer backbone
+# ----------------------------------------------------------------------------------------
+
+# (embed_dim C, blocks per stage, heads per stage, stochastic depth rate); METHOD 2.
+ARCHS = {
+    "swin-t": (96, (2, 2, 6, 2), (3, 6, 12, 24), 0.2),
+    "swin-s": (96, (2, 2, 18, 2), (3, 6, 12, 24), 0.3),
+    "swin-b": (128, (2, 2, 18, 2), (4, 8, 16, 32), 0.5),
+    "swin-l": (192, (2, 2, 18, 2), (6, 12, 24, 48), 0.2),
+}
+
+
+def relative_position_index(window):
+    """(M*M, M*M) index into the (2M-1)^2-row bias table for every pair of tokens in a window."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
+    coords = rearrange(coords, "two h w -> (h w) two")
+    delta = coords[:, None, :] - coords[None, :, :] + (window - 1)  # each offset now in [0, 2M-2]
+    return delta[..., 0] * (2 * window - 1) + delta[..., 1]
+
+
+def shifted_window_mask(resolution, window, shift):
+    """(num_windows, M*M, M*M) additive mask for SW-MSA: -100 where two tokens share a window
+    only because the cyclic shift wrapped one of them around the border, else 0.
+
+    The shifted grid falls into 3 x 3 regions (rows/columns [0, R-M), [R-M, R-s), [R-s, R));
+    tokens of different regions were never neighbours. -100 (not -inf) as in the Swin code,
+    which keeps the softmax finite and our logits equal to torchvision's.
+    """
+    region = torch.zeros(resolution, resolution)
+    bounds = ((0, resolution - window), (resolution - window, resolution - shift), (resolution - shift, resolution))
+    for i, (h0, h1) in enumerate(bounds):
+        for j, (w0, w1) in enumerate(bounds):
+            region[h0:h1, w0:w1] = 3 * i + j
+    region = rearrange(region, "(nh wh) (nw ww) -> (nh nw) (wh ww)", wh=window, ww=window)
+    return (region[:, :, None] != region[:, None, :]).float() * -100.0
+
+
+class WindowAttention(nn.Module):
+    """W-MSA (shift 0) or SW-MSA (shift M/2) with a learned relative-position bias.
+
+    Input and output are (B, H, W, C). The bias and the shift mask are added inside
+    F.scaled_dot_product_attention as attn_mask, so a GPU can use a kernel that never stores
+    the full attention matrix.
+    """
+
+    def __init__(self, *, dim, heads, resolution, window, shift):
+        super().__init__()
+        self.heads, self.window, self.shift = heads, window, shift
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        # Derived from the shapes alone, so not saved in checkpoints.
+        self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+        num_windows = (resolution // window) ** 2
+        mask = shifted_window_mask(resolution, window, shift) if shift else torch.zeros(num_windows, window**2, window**2)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        if self.shift:
+            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        windows = rearrange(x, "b (nh wh) (nw ww) c -> b (nh nw) (wh ww) c", wh=self.window, ww=self.window)
+        # Windows and heads share one batch axis so that SDPA sees 4-D tensors (fused kernels need them).
+        q, k, v = rearrange(self.qkv(windows), "b w n (three h d) -> three b (w h) n d", three=3, h=self.heads)
+        bias = rearrange(self.relative_position_bias_table[self.relative_position_index], "n m h -> h n m")
+        attn_mask = rearrange(self.mask[:, None] + bias[None], "w h n m -> 1 (w h) n m")  # broadcast over b
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype))  # scale 1/sqrt(d)
+        out = self.proj(rearrange(out, "b (w h) n d -> b w n (h d)", h=self.heads))
+        x = rearrange(out, "b (nh nw) (wh ww) c -> b (nh wh) (nw ww) c", nh=H // self.window, wh=self.window)
+        if self.shift:
+            x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
+        return x
+
+
+class SwinBlock(nn.Module):
+    """x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x))); MLP ratio 4, GELU."""
+
+    def __init__(self, *, dim, heads, resolution, window, shift, drop_path):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim=dim, heads=heads, resolution=resolution, window=window, shift=shift)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.drop_path = StochasticDepth(drop_path, "row")  # drops the whole residual branch per sample
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """p x p convolution with stride p, then LayerNorm: (B, 3, H, W) -> (B, H/p, W/p, C)."""
+
+    def __init__(self, *, img_size, patch_size, dim):
+        super().__init__()
+        self.img_size = img_size
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, images):
+        if images.shape[-3:] != (3, self.img_size, self.img_size):
+            # The shift masks are built for one resolution; a wrong size would fail deep inside.
+            raise ValueError(f"expected images of shape (B, 3, {self.img_size}, {self.img_size}), got {tuple(images.shape)}")
+        return self.norm(rearrange(self.proj(images), "b c h w -> b h w c"))
+
+
+class PatchMerging(nn.Module):
+    """Concatenate each 2 x 2 neighbourhood (4C), LayerNorm, Linear 4C -> 2C without bias."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x):
+        # Channel order (dw dh c) is the one of the Swin and torchvision code, so weights carry over.
+        return self.reduction(self.norm(rearrange(x, "b (h dh) (w dw) c -> b h w (dw dh c)", dh=2, dw=2)))
+
+
+class ClassifierHead(nn.Module):
+    """H: LayerNorm, global average pool, Linear to the classes. (B, h, w, C) -> (B, classes)."""
+
+    def __init__(self, dim, num_classes):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.norm(x).mean(dim=(1, 2)))
+
+
+class SwinTransformer(nn.Module):
+    """Patch embedding, stages of (W-MSA, SW-MSA) block pairs with patch merging between, head."""
+
+    def __init__(self, *, num_classes, img_size, patch_size, window_size, embed_dim, depths, heads, drop_path):
+        super().__init__()
+        if len(depths) != len(heads):
+            raise ConfigError(f"--depths has {len(depths)} stages but --heads has {len(heads)}")
+        if img_size % patch_size:
+            raise ConfigError(f"--img-size {img_size} is not a multiple of --patch-size {patch_size}")
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, dim=embed_dim)
+        rates = torch.linspace(0, drop_path, sum(depths)).tolist()  # stochastic depth rises linearly
+        self.stages, self.merges = nn.ModuleList(), nn.ModuleList()
+        self.dims, self.resolutions = [], []  # per stage; the split (3.3) reads them
+        dim, res = embed_dim, img_size // patch_size
+        for s, (depth, h) in enumerate(zip(depths, heads)):
+            if dim % h:
+                raise ConfigError(f"stage {s + 1}: {dim} channels do not split into {h} heads")
+            window, shift = window_size, window_size // 2
+            if res <= window:  # clip the window to the stage, and then nothing is left to shift
+                window, shift = res, 0
+            elif res % window:
+                raise ConfigError(
+                    f"stage {s + 1} has a {res} x {res} token grid, larger than the {window} x {window} "
+                    f"window but not a multiple of it; choose --img-size/--patch-size/--window-size so it is")
+            blocks = [SwinBlock(dim=dim, heads=h, resolution=res, window=window, shift=0 if j % 2 == 0 else shift,
+                                drop_path=rates.pop(0)) for j in range(depth)]
+            self.stages.append(nn.Sequential(*blocks))
+            self.dims.append(dim)
+            self.resolutions.append(res)
+            if s < len(depths) - 1:
+                if res % 2:
+                    raise ConfigError(f"stage {s + 1} has an odd {res} x {res} token grid: patch merging needs it even")
+                self.merges.append(PatchMerging(dim))
+                dim, res = 2 * dim, res // 2
+        self.head = ClassifierHead(dim, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, images):
+        x = self.patch_embed(images)
+        for s, stage in enumerate(self.stages):
+            x = stage(x)
+            if s < len(self.merges):
+                x = self.merges[s](x)
+        return self.head(x)
+
+
+def build_model(arch, num_classes, img_size=224, **overrides):
+    """Our SwinTransformer for `arch` (a key of ARCHS); overrides: patch_size, window_size,
+    embed_dim, depths, heads, drop_path. The window is 7, or 12 at 384 px (METHOD 2)."""
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    embed_dim, depths, heads, drop_path = ARCHS[arch]
+    config = dict(patch_size=4, window_size=12 if img_size == 384 else 7,
+                  embed_dim=embed_dim, depths=depths, heads=heads, drop_path=drop_path)
+    config.update({key: value for key, value in overrides.items() if value is not None})
+    return SwinTransformer(num_classes=num_classes, img_size=img_size, **config)
+
+
+def torchvision_key(key):
+    """The name torchvision's swin_t/s/b gives the tensor our state_dict calls `key`."""
+    key = re.sub(r"^stages\.(\d+)\.", lambda m: f"features.{2 * int(m[1]) + 1}.", key)
+    key = re.sub(r"^merges\.(\d+)\.", lambda m: f"features.{2 * int(m[1]) + 2}.", key)
+    key = key.replace(".mlp.2.", ".mlp.3.")  # torchvision's MLP has a Dropout after the GELU
+    for ours, theirs in (("patch_embed.proj.", "features.0.0."), ("patch_embed.norm.", "features.0.2."),
+                         ("head.norm.", "norm."), ("head.fc.", "head.")):
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    return key
+
+
+def load_torchvision_weights(model, state_dict):
+    """Copy the weights of torchvision's swin_t/swin_s/swin_b into our model (as nanoGPT's
+    from_pretrained does): every key mapped, counts and shapes checked, copied without grad."""
+    ours = model.state_dict()
+    theirs = {k: v for k, v in state_dict.items() if not k.endswith("relative_position_index")}
+    if len(ours) != len(theirs):
+        raise ConfigError(f"our model has {len(ours)} tensors, the torchvision state_dict {len(theirs)}: "
+                          "not the same architecture")
+    with torch.no_grad():
+        for key, tensor in ours.items():
+            source = theirs.get(torchvision_key(key))
+            if source is None or source.shape != tensor.shape:
+                found = "missing" if source is None else tuple(source.shape)
+                raise ConfigError(f"{key}: expected {tuple(tensor.shape)} at {torchvision_key(key)}, found {found}")
+            tensor.copy_(source)
+    # We recompute the relative-position index; it must be the one torchvision stored.
+    for name, buffer in model.named_buffers():
+        if name.endswith("relative_position_index") and torchvision_key(name) in state_dict:
+            assert torch.equal(buffer.flatten(), state_dict[torchvision_key(name)].flatten().to(buffer.device))
+    return model
+
+
+# ----------------------------------------------------------------------------------------
+# Paper 3.2-3.3: gradient-isolated modules and where to cut
+# ----------------------------------------------------------------------------------------
+
+def resolve_split(split, k, depths):
+    """Module ends as block counts: module i holds blocks ends[i-1]+1 .. ends[i] (numbered
+    1..N), the last module the rest. `split` is "paper" or a list such as "3,5,11"."""
+    n = sum(depths)
+    if split != "paper":
+        try:
+            ends = tuple(int(b) for b in split.split(","))
+        except ValueError:
+            raise ConfigError(f"--split {split!r} is neither 'paper' nor a comma-separated list of block numbers")
+        if any(b <= a for a, b in zip(ends, ends[1:])) or ends[0] < 1 or ends[-1] >= n:
+            raise ConfigError(f"--split {split}: module ends must increase strictly within 1..{n - 1} "
+                              f"(the model has {n} blocks; the last module ends at block {n})")
+        if k is not None and k != len(ends) + 1:
+            raise ConfigError(f"--split {split} makes {len(ends) + 1} modules but --k is {k}")
+        return ends
+    k = 4 if k is None else k
+    if not 1 <= k <= n:
+        raise ConfigError(f"--k {k}: must be between 1 and the number of blocks, {n}")
+    if tuple(depths) == (2, 2, 6, 2) and k in (2, 4):
+        # METHOD 3: the paper's Swin-T splits, by stage: K=4 one stage per module, K=2 stage 1 | 2-4.
+        return (2, 4, 10) if k == 4 else (2,)
+    sizes = [n // k + (i < n % k) for i in range(k)]  # K contiguous runs of nearly equal length
+    return tuple(sum(sizes[:i + 1]) for i in range(k - 1))
+
+
+@dataclass
+class ModuleSpec:
+    """One module g_i: its backbone layers, and the shapes (channels, token-grid side) of its
+    input x_{i-1} and output x_i, which size its auxiliary block."""
+    layers: nn.Sequential
+    in_dim: int
+    in_res: int
+    out_dim: int
+    out_res: int
+
+
+def split_backbone(model, ends):
+    """Cut the backbone after the given block counts. A patch merging goes with the block that
+    ends its stage; module 1 starts after the patch embedding (train_step runs it first, so
+    that x_0 is the embedding) and module K ends with the classifier head."""
+    groups, shapes = [[]], [(model.dims[0], model.resolutions[0])]
+    block = 0
+    for s, stage in enumerate(model.stages):
+        for b in stage:
+            groups[-1].append(b)
+            block += 1
+            dim, res = model.dims[s], model.resolutions[s]
+            if b is stage[-1] and s < len(model.merges):
+                groups[-1].append(model.merges[s])
+                dim, res = 2 * dim, res // 2
+            if block in ends:
+                groups.append([])
+                shapes.append((dim, res))
+    groups[-1].append(model.head)
+    shapes.append((model.head.fc.in_features, model.resolutions[-1]))
+    return [ModuleSpec(nn.Sequential(*g), *shapes[i], *shapes[i + 1]) for i, g in enumerate(groups)]
+
+
+# ----------------------------------------------------------------------------------------
+# Paper 3.4: the auxiliary block f_i
+# ----------------------------------------------------------------------------------------
+
+def make_decoder(kind, in_ch, out_ch, upscale, width=16):
+    """Reconstruction head: (B, in_ch, h, w) -> logits (B, out_ch, h*upscale, w*upscale).
+
+    The exact layers are our choice (METHOD 4). `width` is kept narrow (InfoPro uses 12-32)
+    because the decoder runs at the target's resolution, where every channel is costly.
+    """
+    if kind == "interp":
+        # InfoPro's structure. The 1x1 reduction first is the same linear map as after the
+        # bilinear upsampling (both are linear), but runs at the low resolution: cheaper.
+        return nn.Sequential(
+            nn.Conv2d(in_ch, width, 1, bias=False),
+            nn.Upsample(scale_factor=upscale, mode="bilinear", align_corners=False) if upscale > 1 else nn.Identity(),
+            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, out_ch, 3, padding=1))
+    if kind in ("deconv", "deconv4"):
+        steps = int(math.log2(upscale))
+        if 2**steps != upscale:
+            raise ConfigError(f"--decoder {kind} upsamples by 2 per layer; it cannot reach a factor of {upscale}")
+        kernel, padding = (2, 0) if kind == "deconv" else (4, 1)
+        layers, ch = [], in_ch
+        for _ in range(steps):
+            layers += [nn.ConvTranspose2d(ch, width, kernel, stride=2, padding=padding, bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            ch = width
+        return nn.Sequential(*layers, nn.Conv2d(ch, out_ch, 1))
+    raise ConfigError(f"unknown --decoder {kind!r}; choose interp, deconv or deconv4")
+
+
+class AuxBlock(nn.Module):
+    """f_i: LayerNorm, a conv block reducing the channels (our choice: 3x3 conv to 128,
+    BatchNorm, ReLU), then a contrastive head (pool, 2-layer MLP, L2-normalised) and, if
+    `target_dim`, a decoder reconstructing a (target_dim, h*upscale, w*upscale) map."""
+
+    def __init__(self, *, in_dim, target_dim=None, upscale=1, decoder="interp", width=128, proj_dim=128):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.conv = nn.Sequential(nn.Conv2d(in_dim, width, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.projector = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, proj_dim))
+        self.decoder = make_decoder(decoder, width, target_dim, upscale) if target_dim else None
+
+    def forward(self, x):
+        """x_i (B, h, w, c) -> (z (B, proj_dim) unit vectors, reconstruction logits or None)."""
+        h = self.conv(rearrange(self.norm(x), "b h w c -> b c h w"))
+        z = F.normalize(self.projector(h.mean(dim=(2, 3))), dim=1)
+        return z, (self.decoder(h) if self.decoder is not None else None)
+
+
+# ----------------------------------------------------------------------------------------
+# Paper 3.5: the losses (eq. 1-3)
+# ----------------------------------------------------------------------------------------
+
+def supervised_nt_xent(z, labels, temperature=0.07):
+    """L^xy: NT-Xent in its supervised form (Chen et al. 2020; Khosla et al. 2020, as in
+    InfoPro). z: (B, d) unit vectors, one view per sample. For each anchor, every other sample
+    of its class is a positive and all other samples are the denominator; the anchor itself is
+    excluded. Mean over anchors that have a positive (0 if none has)."""
+    sim = z @ z.T / temperature
+    self_pair = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    log_prob = sim.masked_fill(self_pair, float("-inf")).log_softmax(dim=1)
+    positive = (labels[:, None] == labels[None, :]) & ~self_pair
+    num_pos = positive.sum(dim=1)
+    per_anchor = -torch.where(positive, log_prob, 0.0).sum(dim=1) / num_pos.clamp(min=1)
+    has_pos = num_pos > 0
+    return (per_anchor * has_pos).sum() / has_pos.sum().clamp(min=1)
+
+
+def reconstruction_bce(logits, target):
+    """L^xx: binary cross-entropy between the decoder's logits and a target in [0, 1]."""
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def lambda_mu_schedule(num_aux, lambdas=None, mus=None):
+    """Weights of eq. 2 for modules 1..K-1 (METHOD 5): linear from (3.0, 1.0) at module 1 to
+    (0.0, 4.0) at module K-1; a single auxiliary module gets (3.0, 1.0)."""
+    steps = [i / (num_aux - 1) if num_aux > 1 else 0.0 for i in range(num_aux)]
+    lambdas = [3.0 - 3.0 * t for t in steps] if lambdas is None else list(lambdas)
+    mus = [1.0 + 3.0 * t for t in steps] if mus is None else list(mus)
+    for name, values in (("--lambdas", lambdas), ("--mus", mus)):
+        if len(values) != num_aux:
+            raise ConfigError(f"{name} has {len(values)} values; K={num_aux + 1} modules need {num_aux} (one per module 1..K-1)")
+    return lambdas, mus
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+METHODS = ("ours", "infopro", "greedy-ce", "greedy-contrast")
+
+
+class LocalSwin(nn.Module):
+    """The backbone cut into K modules, with an auxiliary head for each module but the last.
+
+    `method` (METHOD 5): ours (reconstruct x_{i-1} + contrast), infopro (reconstruct the
+    image + contrast), greedy-ce (pool + linear classifier), greedy-contrast (contrast only).
+    """
+
+    def __init__(self, backbone, ends, *, method="ours", decoder="interp", lambdas=None, mus=None,
+                 temperature=0.07, label_smoothing=0.1):
+        super().__init__()
+        if method not in METHODS:
+            raise ConfigError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+        self.backbone, self.ends, self.method = backbone, tuple(ends), method
+        self.specs = split_backbone(backbone, self.ends)  # views: the parameters live in backbone
+        self.lambdas, self.mus = lambda_mu_schedule(len(self.specs) - 1, lambdas, mus)
+        if method == "greedy-contrast":
+            self.lambdas = [0.0] * len(self.lambdas)
+        self.temperature, self.label_smoothing = temperature, label_smoothing
+        self.aux = nn.ModuleList()
+        img_size = backbone.patch_embed.img_size
+        for spec, lam in zip(self.specs, self.lambdas):
+            if method == "greedy-ce":
+                head = ClassifierHead(spec.out_dim, backbone.head.fc.out_features)
+            elif lam == 0:  # nothing to reconstruct (greedy-contrast, or lambda_i = 0): no decoder to pay for
+                head = AuxBlock(in_dim=spec.out_dim)
+            elif method == "infopro":  # the whole image, from x_i, upsampled to the image size
+                head = AuxBlock(in_dim=spec.out_dim, target_dim=3, upscale=img_size // spec.out_res, decoder=decoder)
+            else:
+                head = AuxBlock(in_dim=spec.out_dim, target_dim=spec.in_dim, upscale=spec.in_res // spec.out_res,
+                                decoder=decoder)
+            self.aux.append(head)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images):
+        return self.backbone(images)  # at test time the modules simply run in sequence
+
+    def module_parameters(self, i):
+        """What optimizer i updates: module i's layers (and the patch embedding for module 1)
+        together with its auxiliary block."""
+        params = list(self.specs[i].layers.parameters())
+        if i == 0:
+            params = list(self.backbone.patch_embed.parameters()) + params
+        if i < len(self.aux):
+            params += list(self.aux[i].parameters())
+        return params
+
+    def local_loss(self, i, x_in, x_out, images, labels):
+        """Module i's loss. x_in = x_{i-1}, x_out = g_i(x_{i-1}) (logits for the last module)."""
+        if i == len(self.specs) - 1:  # eq. 3: L_K = CE(H(g_K(x_{K-1})), y)
+            return F.cross_entropy(x_out, labels, label_smoothing=self.label_smoothing)
+        if self.method == "greedy-ce":
+            return F.cross_entropy(self.aux[i](x_out), labels, label_smoothing=self.label_smoothing)
+        z, recon = self.aux[i](x_out)  # eq. 1: L_i = f_i(x_i, x_{i-1}, y)
+        l_con = supervised_nt_xent(z, labels, self.temperature)
+        if recon is None:
+            return self.mus[i] * l_con
+        if self.method == "infopro":
+            target = (images * self.std + self.mean).clamp(0, 1)  # the image, de-normalised to [0, 1]
+        else:
+            # Our choice: features are not in [0, 1], so BCE scores the logits against sigmoid(x_{i-1}).
+            target = torch.sigmoid(rearrange(x_in.detach(), "b h w c -> b c h w"))
+        l_rec = reconstruction_bce(recon, target.to(recon.dtype))
+        return self.lambdas[i] * l_rec + self.mus[i] * l_con  # eq. 2
+
+
+# ----------------------------------------------------------------------------------------
+# Greedy training (paper 3.2-3.3): one module at a time
+# ----------------------------------------------------------------------------------------
+
+def train_step(net, optimizers, images, labels, *, clip_grad=5.0, amp_dtype=None, scaler=None):
+    """One training step. Module i runs on the detached x_{i-1}, its local loss is
+    backpropagated and its optimizer steps before module i+1 starts, so only one module's
+    graph is ever alive. (Summing the K losses into one backward would give the same
+    gradients but keep every graph alive: none of the memory saving.) Returns the K losses."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
+    losses, x = [], images
+    for i, (spec, optimizer) in enumerate(zip(net.specs, optimizers)):
+        with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            if i == 0:
+                x = net.backbone.patch_embed(x)  # x_0 is the patch embedding, inside module 1's graph
+            out = spec.layers(x)
+            loss = net.local_loss(i, x, out, images, labels)
+        scaler.scale(loss).backward()  # frees module i's graph
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip_grad)
+        scaler.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)  # gradients need not outlive the step
+        losses.append(loss.detach())
+        x = out.detach()  # no gradient crosses a module boundary
+    scaler.update()
+    return losses
+
+
+def make_optimizers(net, *, lr, weight_decay, total_steps, warmup_steps):
+    """One AdamW per module (with its auxiliary block), Swin's recipe: no weight decay on
+    biases, norms and relative-position tables; linear warm-up then cosine decay, per step."""
+    no_decay = {id(p) for name, p in net.named_parameters() if p.ndim <= 1 or name.endswith("bias_table")}
+    optimizers, schedulers = [], []
+    for i in range(len(net.specs)):
+        params = net.module_parameters(i)
+        optimizer = torch.optim.AdamW([
+            {"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}], lr=lr)
+        phases = [torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup_steps)] if warmup_steps else []
+        phases.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup_steps, 1),
+                                                                 eta_min=lr / 100))
+        optimizers.append(optimizer)
+        schedulers.append(torch.optim.lr_scheduler.SequentialLR(optimizer, phases, milestones=[warmup_steps][:len(phases) - 1]))
+    return optimizers, schedulers
+
+
+@torch.no_grad()
+def evaluate(net, loader, device, amp_dtype=None):
+    """Test loss (plain cross-entropy) and top-1 accuracy (%) of the whole network."""
+    net.eval()
+    loss_sum, correct, total = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = net(images).float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        correct += (logits.argmax(dim=1) == labels).sum()
+        total += len(labels)
+    net.train()
+    return loss_sum.item() / total, 100.0 * correct.item() / total
+
+
+# ----------------------------------------------------------------------------------------
+# Memory: the paper's headline claim, measured the same way on every device
+# ----------------------------------------------------------------------------------------
+
+class LiveTensorMeter(TorchDispatchMode):
+    """The CPU's stand-in for torch.cuda.max_memory_allocated: the peak number of bytes held by
+    tensor storages that operators allocated while the meter was active and that are still
+    alive (activations kept for backward, gradients, optimizer state, temporaries). A storage
+    counts from the operator that returned it until it is freed; scratch space that a kernel
+    allocates and frees inside itself is not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._sizes = {}  # id(storage) -> bytes, for the storages counted and still alive
+
+    def _free(self, key):
+        self.live -= self._sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()  # torch keeps one Python object per storage while it lives
+            key = id(storage)
+            if key in inputs or key in self._sizes:  # a view or an in-place result: nothing new
+                continue
+            self._sizes[key] = storage.nbytes()
+            self.live += self._sizes[key]
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key)
+        return out
+
+
+class PeakMemory:
+    """Peak training memory in bytes. CUDA: max_memory_allocated since this object was made.
+    CPU: `baseline` (bytes live before, e.g. the parameters) plus the LiveTensorMeter peak over
+    the regions entered with `region()`. Other devices: None."""
+
+    def __init__(self, device, baseline=0):
+        self.device, self.baseline = device, baseline
+        self.meter = LiveTensorMeter() if device.type == "cpu" else None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def region(self):
+        return self.meter if self.meter is not None else contextlib.nullcontext()
+
+    def peak_bytes(self):
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return self.baseline + self.meter.peak if self.meter is not None else None
+
+
+def tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def optimizer_state_bytes(optimizers):
+    return tensor_bytes(v for opt in optimizers for state in opt.state.values()
+                        for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3, **step_kwargs):
+    """--measure-memory: training steps on random tensors of the configured shape. Returns the
+    peak training memory, the part of it above parameters and optimizer state (activations,
+    gradients, temporaries), and the step time, measured apart from the meter's overhead."""
+    size = net.backbone.patch_embed.img_size
+    images = torch.randn(batch_size, 3, size, size, device=device)
+    labels = torch.randint(num_classes, (batch_size,), device=device)
+    net.train()
+    train_step(net, optimizers, images, labels, **step_kwargs)  # warm-up: creates the optimizer state
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(net, optimizers, images, labels, **step_kwargs)
+    sync()
+    step_time = (time.perf_counter() - start) / steps
+    state = tensor_bytes(list(net.parameters()) + list(net.buffers())) + optimizer_state_bytes(optimizers)
+    memory = PeakMemory(device, baseline=state + tensor_bytes([images, labels]))
+    with memory.region():
+        train_step(net, optimizers, images, labels, **step_kwargs)
+    peak = memory.peak_bytes()
+    mib = 2**20
+    return {"peak_memory_mib": peak and peak / mib, "state_memory_mib": state / mib,
+            "activation_memory_mib": peak and (peak - state) / mib,
+            "step_time_s": step_time, "images_per_second": batch_size / step_time}
+
+
+# ----------------------------------------------------------------------------------------
+# Data (METHOD 6)
+# ----------------------------------------------------------------------------------------
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """A small data set a model can learn, for smoke tests: each class is a fixed random
+    smooth colour pattern, each sample that pattern plus noise. Items are uint8 (3, S, S)."""
+
+    def __init__(self, *, train, num_classes=10, size=32, transform=None):
+        gen = torch.Generator().manual_seed(0)  # the same class patterns in both splits
+        patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=gen), size=size, mode="bilinear")
+        gen.manual_seed(1 if train else 2)
+        n = 1024 if train else 256
+        self.labels = torch.randint(num_classes, (n,), generator=gen)
+        noisy = patterns[self.labels] + 0.15 * torch.randn(n, 3, size, size, generator=gen)
+        self.images = (noisy.clamp(0, 1) * 255).to(torch.uint8)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), int(self.labels[i])
+
+
+def torchvision_sets():
+    from torchvision import datasets
+    return {  # name: (class, train kwargs, test kwargs, classes)
+        "cifar10": (datasets.CIFAR10, {"train": True}, {"train": False}, 10),
+        "cifar100": (datasets.CIFAR100, {"train": True}, {"train": False}, 100),
+        "stl10": (datasets.STL10, {"split": "train"}, {"split": "test"}, 10),  # the unlabelled split is unused
+        "svhn": (datasets.SVHN, {"split": "train"}, {"split": "test"}, 10),
+    }
+
+
+DATASETS = ("cifar10", "cifar100", "stl10", "svhn", "imagefolder", "synthetic")
+
+
+def imagefolder_dirs(root):
+    test = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
+    if not os.path.isdir(os.path.join(root, "train")) or test is None:
+        raise ConfigError(f"--dataset imagefolder needs {os.path.join(root, 'train')}/<class>/* and "
+                          f"{os.path.join(root, 'val')} (or test)/<class>/*; not found")
+    return os.path.join(root, "train"), test
+
+
+def count_classes(name, root):
+    """The number of classes, without loading the data (--measure-memory needs no data)."""
+    if name == "synthetic":
+        return 10
+    if name == "imagefolder":
+        train_dir = imagefolder_dirs(root)[0]
+        return sum(os.path.isdir(os.path.join(train_dir, d)) for d in os.listdir(train_dir))
+    return torchvision_sets()[name][3]
+
+
+def make_datasets(name, root, img_size, download=True):
+    """(train, test) data sets, images resized to img_size. Training augmentation (our
+    choice, lighter than Swin's RandAugment/Mixup/CutMix): random resized crop and flip."""
+    from torchvision import datasets
+    from torchvision.transforms import v2
+    to_tensor = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train_tf = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(img_size, scale=(0.35, 1.0), antialias=True),
+                           v2.RandomHorizontalFlip(), *to_tensor])
+    test_tf = v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True), *to_tensor])
+    if name == "synthetic":
+        return SyntheticImages(train=True, transform=train_tf), SyntheticImages(train=False, transform=test_tf)
+    if name == "imagefolder":  # ImageFolder's loader converts every image (grayscale too) to RGB
+        train_dir, test_dir = imagefolder_dirs(root)
+        train, test = datasets.ImageFolder(train_dir, train_tf), datasets.ImageFolder(test_dir, test_tf)
+        if train.classes != test.classes:
+            raise ConfigError(f"{train_dir} and {test_dir} hold different class folders")
+        return train, test
+    if name not in DATASETS:
+        raise ConfigError(f"unknown --dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    cls, train_kw, test_kw, _ = torchvision_sets()[name]
+    where = os.path.abspath(root)
+    try:
+        return cls(root, transform=train_tf, download=download, **train_kw), cls(root, transform=test_tf, download=download, **test_kw)
+    except ImportError as e:  # SVHN's .mat files need scipy
+        raise ConfigError(f"--dataset {name} needs a package torchvision lacks here ({e}); pip install scipy")
+    except (RuntimeError, OSError) as e:  # not found (--no-download), or no network (URLError is an OSError)
+        how = "run without --no-download to fetch it" if not download else f"the download failed ({e})"
+        raise ConfigError(f"--dataset {name}: not found in {where}; {how}, or put torchvision's extracted "
+                          f"copy of {cls.__name__} there (--data-dir)")
+
+
+# ----------------------------------------------------------------------------------------
+# The training run: progress, log, checkpoint, results
+# ----------------------------------------------------------------------------------------
+
+def atomic_write(path, write):
+    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path, record):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+    atomic_write(path, write)
+
+
+def format_duration(seconds):
+    return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 86400:.1f} days"
+
+
+# Flags that do not change what is computed: a resumed run may change them.
+RUN_ONLY_FLAGS = {"resume", "max_steps", "workers", "device", "data_dir", "no_download", "log_every", "out"}
+
+
+def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, device, amp_dtype):
+    out, K = args.out, len(net.specs)
+    steps_per_epoch = len(train_loader)
+    total_steps = args.epochs * steps_per_epoch
+    checkpoint_path = os.path.join(out, "last.pt")
+    start_epoch, step, best_acc, history = 0, 0, 0.0, []
+    if args.resume:
+        ckpt = load_checkpoint(checkpoint_path, args)
+        net.load_state_dict(ckpt["net"])
+        for obj, state in zip(optimizers + schedulers, ckpt["optimizers"] + ckpt["schedulers"]):
+            obj.load_state_dict(state)
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"])
+        if device.type == "cuda" and ckpt["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        start_epoch, step, best_acc, history = ckpt["epoch"], ckpt["step"], ckpt["best_acc"], ckpt["history"]
+        print(f"resumed from {checkpoint_path} after epoch {start_epoch} (step {step})")
+    log_path = os.path.join(out, "log.jsonl")
+    with open(log_path, "w") as f:  # exactly the epochs the checkpoint has seen
+        f.writelines(json.dumps(record) + "\n" for record in history)
+
+    memory = PeakMemory(device, baseline=tensor_bytes(list(net.parameters()) + list(net.buffers())))
+    train_images, train_time, run_start = 0, 0.0, time.perf_counter()
+    epoch = start_epoch
+    while epoch < args.epochs and not (args.max_steps and step >= args.max_steps):
+        net.train()
+        train_loader.generator.manual_seed(args.seed + epoch)  # the data order of epoch e depends on e alone
+        epoch_losses, window_losses = torch.zeros(K, device=device), torch.zeros(K, device=device)
+        done = window_steps = 0
+        epoch_start = window_start = time.perf_counter()
+        for images, labels in train_loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with memory.region():
+                losses = torch.stack(train_step(net, optimizers, images, labels, clip_grad=args.clip_grad,
+                                                amp_dtype=amp_dtype, scaler=scaler)).float()
+            for scheduler in schedulers:
+                scheduler.step()
+            step, done, window_steps = step + 1, done + 1, window_steps + 1
+            bad = (~torch.isfinite(losses)).nonzero()  # one host sync per step, to name the step and module
+            if len(bad):
+                i = bad[0].item()
+                raise FloatingPointError(f"loss of module {i + 1} became {losses[i].item()} at step {step} (epoch {epoch + 1})")
+            epoch_losses += losses
+            window_losses += losses
+            if window_steps == args.log_every or done == steps_per_epoch or step == args.max_steps:
+                train_time += time.perf_counter() - window_start
+                train_images += window_steps * args.batch_size
+                rate = train_images / train_time
+                eta = (min(total_steps, args.max_steps or total_steps) - step) * args.batch_size / rate
+                print(f"epoch {epoch + 1}/{args.epochs} step {done}/{steps_per_epoch} | loss "
+                      + " ".join(f"{v:.4f}" for v in (window_losses / window_steps).tolist())
+                      + f" | lr {schedulers[0].get_last_lr()[0]:.2e} | {rate:.0f} img/s | ETA {format_duration(eta)}", flush=True)
+                window_losses.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+            if args.max_steps and step >= args.max_steps:
+                break
+        test_loss, test_acc = evaluate(net, test_loader, device, amp_dtype)
+        best_acc = max(best_acc, test_acc)
+        epoch += 1
+        record = {"epoch": epoch, "steps": done, "train_loss": (epoch_losses / done).tolist(), "test_loss": test_loss,
+                  "test_acc": test_acc, "lr": schedulers[0].get_last_lr()[0], "time_s": time.perf_counter() - epoch_start}
+        history.append(record)
+        print(f"epoch {epoch}/{args.epochs} | test loss {test_loss:.4f} | test acc {test_acc:.2f}% (best {best_acc:.2f}%)"
+              f" | {record['time_s']:.0f} s", flush=True)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if done == steps_per_epoch:  # a checkpoint marks a finished epoch; a run cut short resumes from the last one
+            ckpt = {"epoch": epoch, "step": step, "best_acc": best_acc, "history": history, "config": vars(args),
+                    "net": net.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+                    "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(),
+                    "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+            atomic_write(checkpoint_path, lambda tmp: torch.save(ckpt, tmp))
+    peak = memory.peak_bytes()
+    results = {"test_acc": history[-1]["test_acc"] if history else None, "best_test_acc": best_acc,
+               "peak_memory_mib": peak and peak / 2**20, "images_per_second": train_images / max(train_time, 1e-9),
+               "epochs": epoch, "steps": step, "wall_time_s": time.perf_counter() - run_start, **run_info(args, net, device)}
+    write_json(os.path.join(out, "results.json"), results)
+    print(f"done: test acc {results['test_acc']:.2f}% (best {best_acc:.2f}%) | peak memory "
+          f"{results['peak_memory_mib'] or float('nan'):.0f} MiB | {results['images_per_second']:.0f} img/s | {out}/results.json")
+    return results
+
+
+def load_checkpoint(path, args):
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume: no checkpoint at {path} (a run writes it at the end of each epoch)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        saved = ckpt["config"]
+    except Exception as e:  # torch.load raises many kinds of error on a damaged file
+        raise ConfigError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})")
+    changed = [k for k, v in vars(args).items() if k not in RUN_ONLY_FLAGS and saved.get(k) != v]
+    if changed:
+        raise ConfigError(f"--resume: {path} was written with different settings: "
+                          + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k)})" for k in changed))
+    return ckpt
+
+
+def run_info(args, net, device):
+    """What a results.json needs to be read later: the full config and what it resolved to."""
+    return {"config": vars(args), "k": len(net.specs), "split": list(net.ends), "lambdas": net.lambdas, "mus": net.mus,
+            "parameters": sum(p.numel() for p in net.backbone.parameters()),
+            "aux_parameters": sum(p.numel() for p in net.aux.parameters()),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+            "torch": torch.__version__}
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
+
+def int_list(text):
+    return tuple(int(v) for v in text.split(","))
+
+
+def float_list(text):
+    return tuple(float(v) for v in text.split(","))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
+    a("--data-dir", default="./data", help="where data sets are (downloaded); for imagefolder: DIR/train, DIR/val or DIR/test")
+    a("--no-download", action="store_true", help="never download; fail if the data set is not in --data-dir")
+    a("--arch", default="swin-t", help=f"one of {', '.join(ARCHS)}")
+    a("--img-size", type=int, default=224, help="images are resized to this (the paper: 224)")
+    a("--patch-size", type=int, help="patch embedding stride p (default 4)")
+    a("--window-size", type=int, help="attention window M (default 7, or 12 at 384 px)")
+    a("--embed-dim", type=int, help="channels C of stage 1 (default: the arch's)")
+    a("--depths", type=int_list, help="blocks per stage, e.g. 2,2,6,2 (default: the arch's)")
+    a("--heads", type=int_list, help="attention heads per stage, e.g. 3,6,12,24 (default: the arch's)")
+    a("--drop-path", type=float, help="stochastic depth rate of the last block (default: the arch's)")
+    a("--k", type=int, help="number of gradient-isolated modules K (default 4; 1 is end-to-end training)")
+    a("--split", default="paper", help="'paper' (METHOD 3) or the blocks (numbered from 1) after which modules 1..K-1 end, e.g. 2,4,10")
+    a("--method", default="ours", help=f"one of {', '.join(METHODS)}")
+    a("--decoder", default="interp", help="reconstruction decoder: interp, deconv or deconv4")
+    a("--lambdas", type=float_list, help="reconstruction weights of modules 1..K-1 (default: 3.0 falling linearly to 0.0)")
+    a("--mus", type=float_list, help="contrastive weights of modules 1..K-1 (default: 1.0 rising linearly to 4.0)")
+    a("--temperature", type=float, default=0.07, help="NT-Xent temperature")
+    a("--epochs", type=int, default=300, help="training epochs")
+    a("--warmup-epochs", type=int, default=20, help="linear warm-up epochs before the cosine decay")
+    a("--batch-size", type=int, default=128, help="images per step")
+    a("--lr", type=float, help="peak learning rate (default 5e-4 * batch-size / 512)")
+    a("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on biases, norms, position tables)")
+    a("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy losses")
+    a("--clip-grad", type=float, default=5.0, help="gradient norm clipping, per module")
+    a("--workers", type=int, default=4, help="data loading processes")
+    a("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision (fp16 on CUDA only)")
+    a("--device", help="cuda, cuda:1, cpu, ... (default: cuda when present)")
+    a("--seed", type=int, default=0, help="random seed: the same seed gives the same run")
+    a("--out", help="output folder (default runs/DATASET-ARCH-kK-METHOD)")
+    a("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    a("--max-steps", type=int, help="stop after this many training steps in all")
+    a("--log-every", type=int, default=50, help="print a progress line every this many steps")
+    a("--measure-memory", action="store_true", help="measure peak training memory and step time on random tensors, then exit")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"error: {e}; stopping", file=sys.stderr)
+        return 3
+
+
+def run(args):
+    for flag in ("batch_size", "epochs", "log_every", "img_size"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ConfigError(f"--device {args.device}: {e}")
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    if amp_dtype is torch.float16 and device.type != "cuda":
+        raise ConfigError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
+    if args.dataset not in DATASETS:
+        raise ConfigError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+    torch.manual_seed(args.seed)
+    num_classes = count_classes(args.dataset, args.data_dir)
+    backbone = build_model(args.arch, num_classes, args.img_size, patch_size=args.patch_size, window_size=args.window_size,
+                           embed_dim=args.embed_dim, depths=args.depths, heads=args.heads, drop_path=args.drop_path)
+    depths = [len(stage) for stage in backbone.stages]
+    ends = resolve_split(args.split, args.k, depths)
+    net = LocalSwin(backbone, ends, method=args.method, decoder=args.decoder, lambdas=args.lambdas, mus=args.mus,
+                    temperature=args.temperature, label_smoothing=args.label_smoothing).to(device)
+    args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.arch}-k{len(net.specs)}-{args.method}")
+    lr = args.lr or 5e-4 * args.batch_size / 512  # linear scaling rule from 5e-4 at batch 512
+    describe(net, lr, device)
+
+    if not args.measure_memory:
+        train_set, test_set = make_datasets(args.dataset, args.data_dir, args.img_size, download=not args.no_download)
+        if len(train_set) < args.batch_size:
+            raise ConfigError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        if not os.access(args.out, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as e:
+        raise ConfigError(f"--out {args.out}: cannot write there ({e.strerror or e})")
+    if args.resume and args.measure_memory:
+        raise ConfigError("--resume and --measure-memory do not go together")
+
+    steps_per_epoch = 10 if args.measure_memory else len(train_set) // args.batch_size
+    optimizers, schedulers = make_optimizers(net, lr=lr, weight_decay=args.weight_decay,
+                                             total_steps=args.epochs * steps_per_epoch, warmup_steps=args.warmup_epochs * steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    if args.measure_memory:
+        figures = measure_memory(net, optimizers, batch_size=args.batch_size, num_classes=num_classes, device=device,
+                                 clip_grad=args.clip_grad, amp_dtype=amp_dtype, scaler=scaler)
+        figures.update(run_info(args, net, device))
+        write_json(os.path.join(args.out, "results.json"), figures)
+        print(f"peak training memory {figures['peak_memory_mib']:.0f} MiB (activations etc. above parameters and "
+              f"optimizer state: {figures['activation_memory_mib']:.0f} MiB) | step {figures['step_time_s']:.3f} s "
+              f"({figures['images_per_second']:.1f} img/s) | {args.out}/results.json")
+        return 0
+    loader = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda",
+                  persistent_workers=args.workers > 0)
+    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=True, generator=torch.Generator(), **loader)
+    test_loader = torch.utils.data.DataLoader(test_set, **loader)
+    train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, device, amp_dtype)
+    return 0
+
+
+def describe(net, lr, device):
+    """What is about to be trained, in a few lines: the split and each module's shapes."""
+    backbone_params = sum(p.numel() for p in net.backbone.parameters())
+    aux_params = sum(p.numel() for p in net.aux.parameters())
+    print(f"Swin: {backbone_params / 1e6:.2f} M parameters, auxiliary blocks {aux_params / 1e6:.2f} M | "
+          f"K={len(net.specs)} method={net.method} | lr {lr:.2e} | device {device}")
+    first = 1
+    for i, spec in enumerate(net.specs):
+        blocks = sum(isinstance(m, SwinBlock) for m in spec.layers)
+        loss = "cross-entropy (eq. 3)" if i == len(net.specs) - 1 else (
+            "cross-entropy" if net.method == "greedy-ce" else f"lambda {net.lambdas[i]:.2f}, mu {net.mus[i]:.2f} (eq. 2)")
+        print(f"  module {i + 1}: blocks {first}-{first + blocks - 1} | {spec.in_res}x{spec.in_res}x{spec.in_dim} -> "
+              f"{spec.out_res}x{spec.out_res}x{spec.out_dim} | {loss}")
+        first += blocks
+
+
+if __name__ == "__main__":
+    sys.exit(main())
