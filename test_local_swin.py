@@ -1,0 +1,335 @@
+"""Tests for local_swin.py; CPU only, the whole file in a few minutes on two cores.
+
+    pytest -q test_local_swin.py
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import local_swin as L
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# A Swin-T-shaped network (2, 2, 6, 2 blocks) small enough for a CPU test: 64 px, 32 x 32 tokens.
+SMALL = dict(img_size=64, patch_size=2, window_size=4, embed_dim=16, heads=(1, 2, 4, 8), drop_path=0.0)
+# The command line on a tiny model and the synthetic data set.
+TINY_CLI = ["--dataset", "synthetic", "--img-size", "32", "--patch-size", "2", "--window-size", "4", "--embed-dim", "16",
+            "--depths", "2,2,2", "--heads", "1,2,4", "--batch-size", "64", "--workers", "0", "--warmup-epochs", "1",
+            "--lr", "2e-3", "--log-every", "8"]
+
+
+def small_net(k, method="ours", decoder="interp", **kwargs):
+    torch.manual_seed(0)
+    backbone = L.build_model("swin-t", 10, **SMALL)
+    return L.LocalSwin(backbone, L.resolve_split("paper", k, (2, 2, 6, 2)), method=method, decoder=decoder, **kwargs)
+
+
+def batch(n=16, size=64, classes=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=gen), torch.randint(classes, (n,), generator=gen)
+
+
+# ---------------------------------------------------------------- 3.1 Swin
+
+
+@pytest.mark.parametrize("size", [224])
+def test_parity_with_torchvision_swin_t(size):
+    torch.manual_seed(0)
+    theirs = torchvision.models.swin_t().eval()
+    ours = L.load_torchvision_weights(L.build_model("swin-t", 1000, size), theirs.state_dict()).eval()
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        diff = (ours(images) - theirs(images)).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_parity_with_torchvision_small_config():
+    torch.manual_seed(0)
+    theirs = torchvision.models.SwinTransformer(patch_size=[2, 2], embed_dim=32, depths=[2, 2, 2], num_heads=[2, 4, 8],
+                                                window_size=[4, 4], stochastic_depth_prob=0.0, num_classes=7).eval()
+    ours = L.build_model("swin-t", 7, 32, patch_size=2, window_size=4, embed_dim=32, depths=(2, 2, 2), heads=(2, 4, 8))
+    L.load_torchvision_weights(ours, theirs.state_dict()).eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert (ours(images) - theirs(images)).abs().max().item() <= 1e-4
+    # A different architecture is refused with a clear message, not a silent partial copy.
+    with pytest.raises(L.ConfigError, match="tensors"):
+        L.load_torchvision_weights(L.build_model("swin-t", 7, 32, patch_size=2, window_size=4), theirs.state_dict())
+
+
+@pytest.mark.parametrize("resolution,window,shift", [(8, 4, 2), (12, 4, 2), (14, 7, 3), (6, 3, 1)])
+def test_shift_mask_matches_brute_force(resolution, window, shift):
+    """Two tokens of a shifted window may attend to each other iff the cyclic shift did not wrap
+    one of them around the border, i.e. their offset in the image equals their offset in the window."""
+    mask = L.shifted_window_mask(resolution, window, shift)
+    per_side = resolution // window
+    assert mask.shape == (per_side**2, window**2, window**2)
+    for w in range(per_side**2):
+        wr, wc = divmod(w, per_side)
+        for a in range(window**2):
+            for b in range(window**2):
+                (ar, ac), (br, bc) = divmod(a, window), divmod(b, window)
+                rows = [wr * window + r for r in (ar, br)]  # coordinates in the shifted grid
+                cols = [wc * window + c for c in (ac, bc)]
+                wrapped = [(x + shift) // resolution for x in rows + cols]  # 1 if the shift wrapped it
+                allowed = wrapped[0] == wrapped[1] and wrapped[2] == wrapped[3]
+                assert mask[w, a, b].item() == (0.0 if allowed else -100.0)
+
+
+def test_relative_position_index_brute_force():
+    window = 5
+    index = L.relative_position_index(window)
+    seen = {}
+    for a in range(window**2):
+        for b in range(window**2):
+            offset = (a // window - b // window, a % window - b % window)
+            assert seen.setdefault(offset, index[a, b].item()) == index[a, b].item()
+    assert len(set(seen.values())) == len(seen) == (2 * window - 1) ** 2  # one table row per offset
+    assert index.min() == 0 and index.max() == (2 * window - 1) ** 2 - 1
+
+
+def test_shifted_attention_equals_masked_brute_force():
+    """SW-MSA against attention written from scratch on the unshifted grid: each token attends
+    to the tokens of its shifted window that are its true neighbours, with the position bias."""
+    torch.manual_seed(0)
+    res, window, shift, dim, heads = 8, 4, 2, 8, 2
+    attn = L.WindowAttention(dim=dim, heads=heads, resolution=res, window=window, shift=shift)
+    x = torch.randn(2, res, res, dim)
+    q, k, v = attn.qkv(x).reshape(2, res * res, 3, heads, dim // heads).unbind(2)
+    rows, cols = torch.meshgrid(torch.arange(res), torch.arange(res), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    srow, scol = (rows - shift) % res, (cols - shift) % res  # where each token sits after the shift
+    same_window = (srow[:, None] // window == srow[None] // window) & (scol[:, None] // window == scol[None] // window)
+    true_neighbours = (srow[:, None] - srow[None] == rows[:, None] - rows[None]) & (scol[:, None] - scol[None] == cols[:, None] - cols[None])
+    dr, dc = srow[:, None] - srow[None] + window - 1, scol[:, None] - scol[None] + window - 1
+    bias = attn.relative_position_bias_table[(dr * (2 * window - 1) + dc).clamp(0, (2 * window - 1) ** 2 - 1)]
+    logits = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(dim // heads) + bias.permute(2, 0, 1)
+    logits = logits.masked_fill(~same_window, float("-inf")).masked_fill(same_window & ~true_neighbours, -100.0)
+    expected = attn.proj(torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), v).reshape(2, res, res, dim))
+    assert torch.allclose(attn(x), expected, atol=1e-5)
+
+
+def test_window_clipped_to_small_stages_and_bad_grid_refused():
+    model = L.build_model("swin-t", 10, 64, patch_size=4, window_size=8)  # token grids 16, 8, 4, 2
+    attn = [[b.attn for b in stage] for stage in model.stages]
+    assert (attn[0][1].window, attn[0][1].shift) == (8, 4)
+    assert (attn[1][1].window, attn[1][1].shift) == (8, 0)  # grid == window: nothing to shift
+    assert (attn[2][1].window, attn[2][1].shift) == (4, 0)  # grid < window: window clipped
+    assert attn[3][0].relative_position_bias_table.shape == (3 * 3, 24)
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    with pytest.raises(L.ConfigError, match="not a multiple"):
+        L.build_model("swin-t", 10, 64, patch_size=2, window_size=7)  # a 32 x 32 grid, window 7
+    with pytest.raises(ValueError, match="expected images"):
+        model(torch.randn(2, 3, 32, 32))
+
+
+# ---------------------------------------------------------------- 3.2-3.3 modules and split
+
+def test_paper_split_and_near_equal_split():
+    assert L.resolve_split("paper", 4, (2, 2, 6, 2)) == (2, 4, 10)  # one stage per module
+    assert L.resolve_split("paper", 2, (2, 2, 6, 2)) == (2,)  # stage 1 | stages 2-4
+    assert L.resolve_split("paper", None, (2, 2, 6, 2)) == (2, 4, 10)  # K defaults to 4
+    assert L.resolve_split("paper", 1, (2, 2, 6, 2)) == ()
+    assert L.resolve_split("paper", 4, (2, 2, 18, 2)) == (6, 12, 18)  # Swin-S: near-equal runs
+    assert L.resolve_split("paper", 3, (2, 2, 6, 2)) == (4, 8)
+    assert L.resolve_split("3,5,11", None, (2, 2, 6, 2)) == (3, 5, 11)
+    net = small_net(4)
+    blocks = [sum(isinstance(m, L.SwinBlock) for m in spec.layers) for spec in net.specs]
+    merges = [sum(isinstance(m, L.PatchMerging) for m in spec.layers) for spec in net.specs]
+    assert blocks == [2, 2, 6, 2] and merges == [1, 1, 1, 0]  # each stage with the merging that ends it
+    assert isinstance(net.specs[-1].layers[-1], L.ClassifierHead)
+
+
+def test_modules_compose_to_the_whole_network():
+    net = small_net(4).eval()
+    images, _ = batch()
+    with torch.no_grad():
+        x = net.backbone.patch_embed(images)
+        for spec in net.specs:
+            x = spec.layers(x)
+        assert torch.equal(x, net(images))
+    # Every backbone parameter belongs to exactly one module's optimizer, and so does every aux one.
+    owned = [id(p) for i in range(4) for p in net.module_parameters(i)]
+    assert sorted(owned) == sorted(id(p) for p in net.parameters())
+
+
+class GradRecorder:
+    """Stands in for an optimizer: keeps the gradients it is asked to step with, changes nothing."""
+
+    def __init__(self, params):
+        self.param_groups = [{"params": list(params)}]
+        self.grads = None
+
+    def step(self):
+        self.grads = [None if p.grad is None else p.grad.clone() for p in self.param_groups[0]["params"]]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.param_groups[0]["params"]:
+            p.grad = None
+
+
+@pytest.mark.parametrize("method", ["ours", "infopro", "greedy-ce"])
+def test_gradient_isolation(method):
+    """Module i's parameters get their gradients from loss i alone, and no other parameter gets
+    any from loss i; the input handed to module i > 1 carries no graph."""
+    net = small_net(4, method=method)
+    images, labels = batch()
+    recorders = [GradRecorder(net.module_parameters(i)) for i in range(4)]
+    inputs = []
+    for spec in net.specs[1:]:
+        spec.layers.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    L.train_step(net, recorders, images, labels, clip_grad=float("inf"))
+    assert len(inputs) == 3 and not any(x.requires_grad or x.grad_fn is not None for x in inputs)
+
+    everything = list(net.parameters())
+    x = images
+    for i, (spec, recorder) in enumerate(zip(net.specs, recorders)):
+        x_in = net.backbone.patch_embed(x) if i == 0 else x
+        out = spec.layers(x_in)
+        loss = net.local_loss(i, x_in, out, images, labels)
+        grads = dict(zip(map(id, everything), torch.autograd.grad(loss, everything, allow_unused=True)))
+        mine = {id(p) for p in recorder.param_groups[0]["params"]}
+        assert all(g is None or not g.any() for pid, g in grads.items() if pid not in mine), f"loss {i + 1} leaks"
+        for p, recorded in zip(recorder.param_groups[0]["params"], recorder.grads):
+            assert recorded is not None and torch.allclose(recorded, grads[id(p)], rtol=1e-4, atol=1e-6)
+        x = out.detach()
+
+
+def test_k1_is_exactly_end_to_end():
+    net = small_net(1)
+    images, labels = batch()
+    recorder = GradRecorder(net.module_parameters(0))
+    L.train_step(net, [recorder], images, labels, clip_grad=float("inf"))
+    params = recorder.param_groups[0]["params"]
+    assert len(net.aux) == 0 and len(params) == len(list(net.backbone.parameters()))
+    loss = F.cross_entropy(net.backbone(images), labels, label_smoothing=0.1)
+    for g, recorded in zip(torch.autograd.grad(loss, params), recorder.grads):
+        assert torch.allclose(g, recorded, rtol=1e-5, atol=1e-7)
+
+
+def test_live_tensor_meter_counts_allocations_not_views():
+    meter = L.LiveTensorMeter()
+    with meter:
+        a = torch.ones(1 << 18)  # 1 MiB
+        view = a.view(512, 512)
+        a.add_(1)  # in place: nothing new
+        assert meter.live == 1 << 20
+        b = view * 2
+        assert meter.live == 2 << 20
+        del a
+        assert meter.live == 2 << 20  # the view still holds a's storage
+        del view
+        assert meter.live == 1 << 20  # now it is freed; b is alive
+        del b
+    assert meter.live == 0 and meter.peak == 2 << 20
+
+
+def test_k4_holds_much_less_activation_memory_than_k1():
+    figures = {}
+    for k in (1, 4):
+        net = small_net(k)
+        optimizers, _ = L.make_optimizers(net, lr=1e-3, weight_decay=0.05, total_steps=10, warmup_steps=2)
+        figures[k] = L.measure_memory(net, optimizers, batch_size=16, num_classes=10, device=torch.device("cpu"), steps=1)
+    ratio = figures[4]["activation_memory_mib"] / figures[1]["activation_memory_mib"]
+    assert ratio < 0.7, figures
+    assert figures[1]["peak_memory_mib"] > figures[1]["state_memory_mib"] > 0
+
+
+# ---------------------------------------------------------------- 3.4-3.5 aux block and losses
+
+def nt_xent_from_definition(z, labels, temperature):
+    """Supervised NT-Xent, one anchor at a time, straight from the definition."""
+    total, anchors = 0.0, 0
+    for i in range(len(z)):
+        others = [j for j in range(len(z)) if j != i]
+        positives = [j for j in others if labels[j] == labels[i]]
+        if not positives:
+            continue
+        denominator = sum(math.exp(float(z[i] @ z[j]) / temperature) for j in others)
+        total += -sum(math.log(math.exp(float(z[i] @ z[p]) / temperature) / denominator) for p in positives) / len(positives)
+        anchors += 1
+    return total / anchors
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.5])
+def test_nt_xent_matches_slow_loop(temperature):
+    gen = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(12, 8, generator=gen, dtype=torch.float64), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 0, 4, 2, 5])  # classes 4 and 5 have no positive
+    fast = L.supervised_nt_xent(z, labels, temperature).item()
+    assert fast == pytest.approx(nt_xent_from_definition(z, labels, temperature), rel=1e-9)
+    assert L.supervised_nt_xent(z, torch.arange(12), temperature).item() == 0.0  # no positives at all
+
+
+def feature_shapes(net, images):
+    """The (B, C, H, W) shape of x_0 .. x_K, module by module."""
+    with torch.no_grad():
+        x = net.backbone.patch_embed(images)
+        shapes = [x.permute(0, 3, 1, 2).shape]
+        for spec in net.specs[:-1]:
+            x = spec.layers(x)
+            shapes.append(x.permute(0, 3, 1, 2).shape)
+    return shapes
+
+
+@pytest.mark.parametrize("decoder", ["interp", "deconv", "deconv4"])
+def test_decoder_reconstructs_the_module_input_for_every_split(decoder):
+    images, _ = batch(n=2)
+    splits = [L.resolve_split("paper", k, (2, 2, 6, 2)) for k in range(2, 13)] + [(3, 5, 11), (1, 9)]
+    for ends in splits:
+        torch.manual_seed(0)
+        net = L.LocalSwin(L.build_model("swin-t", 10, **SMALL), ends, decoder=decoder, lambdas=[1.0] * len(ends), mus=[1.0] * len(ends))
+        shapes = feature_shapes(net, images)
+        with torch.no_grad():
+            x = net.backbone.patch_embed(images)
+            for i, (spec, aux) in enumerate(zip(net.specs, net.aux)):
+                x = spec.layers(x)
+                z, recon = aux(x)
+                assert recon.shape == shapes[i], (ends, i)  # module 1 reconstructs the patch embedding
+                assert z.shape == (2, 128) and torch.allclose(z.norm(dim=1), torch.ones(2))
+
+
+def test_infopro_decoder_reconstructs_the_image():
+    images, labels = batch(n=4)
+    net = small_net(4, method="infopro", lambdas=[1.0, 1.0, 1.0])
+    with torch.no_grad():
+        x = net.backbone.patch_embed(images)
+        for spec, aux in zip(net.specs, net.aux):
+            x = spec.layers(x)
+            assert aux(x)[1].shape == images.shape
+    assert all(aux.decoder is None for aux in small_net(4, method="greedy-contrast").aux)
+    assert all(isinstance(aux, L.ClassifierHead) for aux in small_net(4, method="greedy-ce").aux)
+
+
+def test_lambda_mu_schedule():
+    assert L.lambda_mu_schedule(1) == ([3.0], [1.0])  # K = 2
+    lambdas, mus = L.lambda_mu_schedule(3)  # K = 4
+    assert lambdas == pytest.approx([3.0, 1.5, 0.0]) and mus == pytest.approx([1.0, 2.5, 4.0])
+    assert L.lambda_mu_schedule(0) == ([], [])  # K = 1
+    assert L.lambda_mu_schedule(2, [0.5, 0.25], None) == ([0.5, 0.25], [1.0, 4.0])
+    with pytest.raises(L.ConfigError, match="--mus has 2 values"):
+        L.lambda_mu_schedule(3, None, [1.0, 2.0])
+
+
+def test_eq2_weights_reach_the_loss():
+    """L_i = lambda_i * L_xx + mu_i * L_xy: doubling mu doubles the contrastive part, and with
+    lambda = 0 there is no decoder and the loss is mu * L_xy alone."""
+    images, labels = batch(n=8)
+    losses = {}
+    for lam, mu in ((1.0, 1.0), (1.0, 2.0), (0.0, 1.0)):
+        net = small_net(2, lambdas=[lam], mus=[mu])
+        x0 = net.backbone.patch_embed(images)
+        out = net.specs[0].layers(x0)
+        losses[lam, mu] = net.local_loss(0, x0, out, images, labels).item()
+        if lam == 0:
+            assert net.aux[0].decoder is None
+            z, _ = net.aux[0](out)
+            assert losses[lam, mu] == pytest.approx(L.supervised_nt_xent(z, labels, 0.07).item(), rel=1e-5)
+    # (1,2) - (1,1) = L_xy = (0,1)
+    assert losses[1.0, 2.0] - losses[1.0, 1.0] == pytest.approx(losses[0.0, 1.0], rel=1e-4)
