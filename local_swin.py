@@ -843,7 +843,8 @@ def load_checkpoint(path, args):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         saved = ckpt["config"]
     except Exception as e:  # torch.load raises many kinds of error on a damaged file
-        raise ConfigError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})")
+        reason = (str(e).strip().splitlines() or [""])[0][:120]
+        raise ConfigError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {reason})")
     changed = [k for k, v in vars(args).items() if k not in RUN_ONLY_FLAGS and saved.get(k) != v]
     if changed:
         raise ConfigError(f"--resume: {path} was written with different settings: "
@@ -917,7 +918,7 @@ def main(argv=None):
     try:
         return run(args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message
         return 2
     except FloatingPointError as e:
         print(f"error: {e}; stopping", file=sys.stderr)
@@ -928,6 +929,9 @@ def run(args):
     for flag in ("batch_size", "epochs", "log_every", "img_size"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("temperature", "clip_grad"):
+        if not getattr(args, flag) > 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:

@@ -333,3 +333,130 @@ def test_eq2_weights_reach_the_loss():
             assert losses[lam, mu] == pytest.approx(L.supervised_nt_xent(z, labels, 0.07).item(), rel=1e-5)
     # (1,2) - (1,1) = L_xy = (0,1)
     assert losses[1.0, 2.0] - losses[1.0, 1.0] == pytest.approx(losses[0.0, 1.0], rel=1e-4)
+
+
+# ---------------------------------------------------------------- the command line, end to end
+
+def run_cli(args, out, capsys):
+    code = L.main(TINY_CLI + ["--out", str(out)] + args)
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("method,k", [("ours", 3), ("infopro", 3), ("greedy-ce", 3), ("greedy-contrast", 3), ("ours", 1)])
+def test_cli_trains_on_synthetic_for_every_method(method, k, tmp_path, capsys):
+    code, cap = run_cli(["--method", method, "--k", str(k), "--epochs", "2"], tmp_path, capsys)
+    assert code == 0, cap.err
+    results = json.loads((tmp_path / "results.json").read_text())
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and all(len(r["train_loss"]) == k for r in log)
+    assert results["epochs"] == 2 and results["k"] == k and results["config"]["method"] == method
+    assert results["test_acc"] == log[-1]["test_acc"] > 30  # 10 classes: chance is 10%
+    assert results["best_test_acc"] >= results["test_acc"]
+    assert results["peak_memory_mib"] > 0 and results["images_per_second"] > 0
+    assert (tmp_path / "last.pt").exists()
+    assert "img/s" in cap.out and "ETA" in cap.out and "test acc" in cap.out
+
+
+def test_cli_imagefolder_of_pngs(tmp_path, capsys):
+    from PIL import Image
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", 40), ("val", 8)):
+        for c, colour in enumerate(("red", "green", "blue")):
+            folder = tmp_path / "data" / split / colour
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = (torch.rand(20, 24, 3, generator=gen) * 80).to(torch.uint8)
+                pixels[..., c] += 150
+                image = Image.fromarray(pixels.numpy())
+                (image.convert("L") if i == 0 else image).save(folder / f"{i}.png")  # one grayscale image each
+    code, cap = run_cli(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--epochs", "2",
+                         "--batch-size", "16", "--k", "2"], tmp_path / "out", capsys)
+    assert code == 0, cap.err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["config"]["dataset"] == "imagefolder" and results["test_acc"] is not None
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, capsys):
+    assert run_cli(["--k", "2", "--epochs", "2"], tmp_path / "whole", capsys)[0] == 0
+    assert run_cli(["--k", "2", "--epochs", "2", "--max-steps", "16"], tmp_path / "cut", capsys)[0] == 0  # 16 steps = 1 epoch
+    assert len((tmp_path / "cut" / "log.jsonl").read_text().splitlines()) == 1
+    code, cap = run_cli(["--k", "2", "--epochs", "2", "--resume"], tmp_path / "cut", capsys)
+    assert code == 0 and "resumed" in cap.out
+    whole, cut = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("whole", "cut")]
+    for a, b in zip(whole, cut, strict=True):
+        assert (a["train_loss"], a["test_loss"], a["test_acc"]) == (b["train_loss"], b["test_loss"], b["test_acc"])
+
+
+def test_measure_memory_writes_results(tmp_path, capsys):
+    code, cap = run_cli(["--measure-memory", "--k", "3"], tmp_path, capsys)
+    assert code == 0, cap.err
+    figures = json.loads((tmp_path / "results.json").read_text())
+    assert figures["peak_memory_mib"] > figures["state_memory_mib"] > 0
+    assert figures["activation_memory_mib"] > 0 and figures["step_time_s"] > 0 and figures["k"] == 3
+    assert "peak training memory" in cap.out
+
+
+def test_nan_loss_stops_the_run_naming_step_and_module(tmp_path, capsys, monkeypatch):
+    real = L.LocalSwin.local_loss
+    calls = []
+
+    def sometimes_nan(self, i, *args):
+        calls.append(i)
+        loss = real(self, i, *args)
+        return loss * float("nan") if len(calls) == 3 * 2 + 2 else loss  # step 3, module 2
+
+    monkeypatch.setattr(L.LocalSwin, "local_loss", sometimes_nan)
+    code, cap = run_cli(["--k", "3", "--epochs", "1"], tmp_path, capsys)
+    assert code != 0 and "module 2" in cap.err and "step 3" in cap.err
+    assert not (tmp_path / "results.json").exists()
+
+
+def make_corrupt_checkpoint(out):
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"not a checkpoint")
+
+
+BAD_INPUTS = [
+    (["--dataset", "mnist"], "unknown --dataset"),
+    (["--arch", "swin-x"], "unknown --arch"),
+    (["--dataset", "cifar10", "--data-dir", "{tmp}/nowhere", "--no-download"], "not found in {tmp}/nowhere"),
+    (["--k", "0"], "between 1 and"),
+    (["--k", "7"], "between 1 and"),
+    (["--split", "4,2"], "increase strictly"),
+    (["--split", "0,3"], "increase strictly"),
+    (["--split", "2,6"], "increase strictly"),
+    (["--split", "2,x"], "neither 'paper'"),
+    (["--img-size", "36"], "not a multiple"),
+    (["--img-size", "33"], "not a multiple of --patch-size"),
+    (["--k", "3", "--lambdas", "1,2,3"], "--lambdas has 3 values"),
+    (["--out", "{tmp}/a_file/out"], "cannot write"),
+    (["--resume"], "no checkpoint"),
+    (["--resume", "--out", "{tmp}/corrupt"], "not a readable checkpoint"),
+    (["--method", "magic"], "unknown --method"),
+    (["--decoder", "magic"], "unknown --decoder"),
+    (["--temperature", "0"], "--temperature"),
+    (["--amp", "fp16", "--device", "cpu"], "needs CUDA"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_gets_one_clear_line(args, message, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    make_corrupt_checkpoint(tmp_path / "corrupt")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    out = tmp_path / "out"
+    code = L.main(TINY_CLI + ["--out", str(out), "--epochs", "1"] + args)
+    err = capsys.readouterr().err
+    assert code != 0
+    assert err.startswith("error: ") and err.count("\n") == 1 and message.replace("{tmp}", str(tmp_path)) in err, err
+    assert not (out / "results.json").exists() and not (out / "log.jsonl").exists()
+
+
+def test_script_runs_and_fails_cleanly_as_a_process(tmp_path):
+    script = os.path.join(HERE, "local_swin.py")
+    ok = subprocess.run([sys.executable, script, *TINY_CLI, "--out", str(tmp_path), "--epochs", "1", "--max-steps", "3"],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 3
+    bad = subprocess.run([sys.executable, script, "--arch", "swin-x"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and bad.stderr.startswith("error: unknown --arch")
