@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The paper's experiments, one command per table row, grouped: `bash run.sh GROUP`.
+#
+#   smoke     a tiny model on the synthetic data set; about a minute on a CPU
+#   memory    peak training memory and step time, Swin-T 224 px (the paper's memory claim), as a table
+#   table3    Swin-T, K=4, from scratch: InfoPro-Transformer, ours, E2E on STL-10, CIFAR-10, CIFAR-100
+#   decoders  the three decoder structures (interp, deconv, deconv4), Swin-T, K=4
+#   ablation  the loss ablation on CIFAR-100, K=2: ours, greedy-ce, greedy-contrast, E2E
+#   svhn      SVHN, K=4 ours and E2E (needs scipy to read SVHN's .mat files)
+#   large     Swin-B and Swin-L at 384 px (window 12; Swin-L with a batch of 80): memory, then CIFAR-10 training
+#
+# Extra flags after the group go to every command, e.g. `bash run.sh table3 --epochs 100 --amp bf16`.
+# MEMORY_BATCH (default 32) sets the batch of the memory group.
+set -euo pipefail
+cd "$(dirname "$0")"
+group=${1:-}
+shift || true
+extra=("$@")
+py=${PYTHON:-python}
+
+row() {  # row NAME ARGS...: one training run, output in runs/GROUP/NAME
+  local name=$1
+  shift
+  echo "== $group/$name: local_swin.py $*"
+  "$py" local_swin.py --out "runs/$group/$name" "$@" "${extra[@]}"
+}
+
+memory_table() {  # print the runs of a memory group side by side, as ratios of the E2E row
+  "$py" - "runs/$group" "$@" <<'EOF'
+import json, sys
+root, names = sys.argv[1], sys.argv[2:]
+rows = {n: json.load(open(f"{root}/{n}/results.json")) for n in names}
+base = rows[names[0]]
+print(f"\ndevice: {base['device']}, batch {base['config']['batch_size']}, {base['config']['img_size']} px, torch {base['torch']}")
+print("| run | peak MiB | above params+optimizer MiB | vs E2E | step s | vs E2E |")
+print("|---|---|---|---|---|---|")
+for n, r in rows.items():
+    print(f"| {n} | {r['peak_memory_mib']:.0f} | {r['activation_memory_mib']:.0f} | "
+          f"{r['activation_memory_mib'] / base['activation_memory_mib']:.3f} | {r['step_time_s']:.3f} | "
+          f"{r['step_time_s'] / base['step_time_s']:.3f} |")
+EOF
+}
+
+case "$group" in
+smoke)
+  tiny=(--dataset synthetic --img-size 32 --patch-size 2 --window-size 4 --embed-dim 32 --depths 2,2,2,2
+        --heads 1,2,4,8 --epochs 3 --warmup-epochs 1 --batch-size 64 --lr 2e-3 --workers 0 --log-every 8)
+  row e2e "${tiny[@]}" --k 1
+  row ours-k4 "${tiny[@]}" --k 4
+  ;;
+memory)
+  m=(--measure-memory --arch swin-t --img-size 224 --batch-size "${MEMORY_BATCH:-32}" --max-steps 5)
+  row e2e "${m[@]}" --k 1
+  row ours-k2 "${m[@]}" --k 2
+  row ours-k4 "${m[@]}" --k 4
+  row infopro-k4 "${m[@]}" --k 4 --method infopro
+  memory_table e2e ours-k2 ours-k4 infopro-k4
+  ;;
+table3)
+  for ds in stl10 cifar10 cifar100; do
+    row "$ds-infopro" --dataset "$ds" --k 4 --method infopro
+    row "$ds-ours" --dataset "$ds" --k 4 --method ours
+    row "$ds-e2e" --dataset "$ds" --k 1
+  done
+  ;;
+decoders)
+  for ds in cifar10 cifar100; do
+    for dec in interp deconv deconv4; do
+      row "$ds-$dec" --dataset "$ds" --k 4 --decoder "$dec"
+    done
+  done
+  ;;
+ablation)
+  row ours --dataset cifar100 --k 2 --method ours
+  row greedy-ce --dataset cifar100 --k 2 --method greedy-ce
+  row greedy-contrast --dataset cifar100 --k 2 --method greedy-contrast
+  row e2e --dataset cifar100 --k 1
+  ;;
+svhn)
+  row ours --dataset svhn --k 4
+  row e2e --dataset svhn --k 1
+  ;;
+large)
+  row swin-b-memory-e2e --measure-memory --arch swin-b --img-size 384 --batch-size 32 --k 1
+  row swin-b-memory-k4 --measure-memory --arch swin-b --img-size 384 --batch-size 32 --k 4
+  row swin-l-memory-e2e --measure-memory --arch swin-l --img-size 384 --batch-size 80 --k 1
+  row swin-l-memory-k4 --measure-memory --arch swin-l --img-size 384 --batch-size 80 --k 4
+  row swin-b-ours --dataset cifar10 --arch swin-b --img-size 384 --k 4
+  row swin-b-e2e --dataset cifar10 --arch swin-b --img-size 384 --k 1
+  row swin-l-ours --dataset cifar10 --arch swin-l --img-size 384 --batch-size 80 --k 4
+  row swin-l-e2e --dataset cifar10 --arch swin-l --img-size 384 --batch-size 80 --k 1
+  ;;
+*)
+  sed -n '2,14p' "$0"
+  exit 2
+  ;;
+esac
