@@ -901,7 +901,7 @@ def parse_args(argv=None):
     a("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on biases, norms, position tables) (default %(default)s)")
     a("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy losses (default %(default)s)")
     a("--clip-grad", type=float, default=5.0, help="gradient norm clipping, per module (default %(default)s)")
-    a("--workers", type=int, default=4, help="data loading processes (default %(default)s)")
+    a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loading processes (default %(default)s)")
     a("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision (fp16 on CUDA only) (default %(default)s)")
     a("--device", help="cuda, cuda:1, cpu, ... (default: cuda when present)")
     a("--seed", type=int, default=0, help="random seed: the same seed gives the same run (default %(default)s)")
