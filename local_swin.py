@@ -333,6 +333,9 @@ def split_backbone(model, ends):
 # Paper 3.4: the auxiliary block f_i
 # ----------------------------------------------------------------------------------------
 
+DECODERS = ("interp", "deconv", "deconv4")
+
+
 def make_decoder(kind, in_ch, out_ch, upscale, width=16):
     """Reconstruction head: (B, in_ch, h, w) -> logits (B, out_ch, h*upscale, w*upscale).
 
@@ -358,7 +361,7 @@ def make_decoder(kind, in_ch, out_ch, upscale, width=16):
                        nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
             ch = width
         return nn.Sequential(*layers, nn.Conv2d(ch, out_ch, 1))
-    raise ConfigError(f"unknown --decoder {kind!r}; choose interp, deconv or deconv4")
+    raise ConfigError(f"unknown --decoder {kind!r}; choose one of {', '.join(DECODERS)}")
 
 
 class AuxBlock(nn.Module):
@@ -433,6 +436,8 @@ class LocalSwin(nn.Module):
         super().__init__()
         if method not in METHODS:
             raise ConfigError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+        if decoder not in DECODERS:  # checked here too: with K = 1 no decoder is ever built
+            raise ConfigError(f"unknown --decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
         self.backbone, self.ends, self.method = backbone, tuple(ends), method
         self.specs = split_backbone(backbone, self.ends)  # views: the parameters live in backbone
         self.lambdas, self.mus = lambda_mu_schedule(len(self.specs) - 1, lambdas, mus)
@@ -441,7 +446,7 @@ class LocalSwin(nn.Module):
         self.temperature, self.label_smoothing = temperature, label_smoothing
         self.aux = nn.ModuleList()
         img_size = backbone.patch_embed.img_size
-        for spec, lam in zip(self.specs, self.lambdas):
+        for spec, lam in zip(self.specs, self.lambdas):  # modules 1..K-1; module K has the classifier head
             if method == "greedy-ce":
                 head = ClassifierHead(spec.out_dim, backbone.head.fc.out_features)
             elif lam == 0:  # nothing to reconstruct (greedy-contrast, or lambda_i = 0): no decoder to pay for

@@ -434,6 +434,7 @@ BAD_INPUTS = [
     (["--resume", "--out", "{tmp}/corrupt"], "not a readable checkpoint"),
     (["--method", "magic"], "unknown --method"),
     (["--decoder", "magic"], "unknown --decoder"),
+    (["--decoder", "magic", "--k", "1"], "unknown --decoder"),
     (["--temperature", "0"], "--temperature"),
     (["--amp", "fp16", "--device", "cpu"], "needs CUDA"),
 ]
