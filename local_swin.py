@@ -245,11 +245,13 @@ def torchvision_key(key):
     return key
 
 
-def load_torchvision_weights(model, state_dict):
+def load_torchvision_weights(model, state_dict, with_head=True):
     """Copy the weights of torchvision's swin_t/swin_s/swin_b into our model (as nanoGPT's
-    from_pretrained does): every key mapped, counts and shapes checked, copied without grad."""
-    ours = model.state_dict()
-    theirs = {k: v for k, v in state_dict.items() if not k.endswith("relative_position_index")}
+    from_pretrained does): every key mapped, counts and shapes checked, copied without grad.
+    with_head=False leaves our classifier (sized for another data set's classes) as it is."""
+    ours = {k: v for k, v in model.state_dict().items() if with_head or not k.startswith("head.fc.")}
+    theirs = {k: v for k, v in state_dict.items()
+              if not k.endswith("relative_position_index") and (with_head or not k.startswith("head."))}
     if len(ours) != len(theirs):
         raise ConfigError(f"our model has {len(ours)} tensors, the torchvision state_dict {len(theirs)}: "
                           "not the same architecture")
@@ -265,6 +267,23 @@ def load_torchvision_weights(model, state_dict):
         if name.endswith("relative_position_index") and torchvision_key(name) in state_dict:
             assert torch.equal(buffer.flatten(), state_dict[torchvision_key(name)].flatten().to(buffer.device))
     return model
+
+
+TORCHVISION_WEIGHTS = {"swin-t": "Swin_T_Weights", "swin-s": "Swin_S_Weights", "swin-b": "Swin_B_Weights"}
+
+
+def pretrained_state_dict(arch):
+    """torchvision's ImageNet-1k weights for `arch`, fetched once through its weights API."""
+    if arch not in TORCHVISION_WEIGHTS:
+        raise ConfigError(f"--pretrained: torchvision has ImageNet weights for {', '.join(TORCHVISION_WEIGHTS)} only")
+    from torchvision.models import get_weight
+    weights = get_weight(f"{TORCHVISION_WEIGHTS[arch]}.IMAGENET1K_V1")
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a damaged download
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise ConfigError(f"--pretrained: could not fetch {weights.url} ({getattr(e, 'reason', e)}); torchvision "
+                          f"caches weights in {cache}: put {os.path.basename(weights.url)} there to use them offline")
 
 
 # ----------------------------------------------------------------------------------------
@@ -891,6 +910,7 @@ def parse_args(argv=None):
     a("--embed-dim", type=int, help="channels C of stage 1 (default: the arch's)")
     a("--depths", type=int_list, help="blocks per stage, e.g. 2,2,6,2 (default: the arch's)")
     a("--heads", type=int_list, help="attention heads per stage, e.g. 3,6,12,24 (default: the arch's)")
+    a("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (swin-t/s/b at 224 px), classifier new")
     a("--drop-path", type=float, help="stochastic depth rate of the last block (default: the arch's)")
     a("--k", type=int, help="number of gradient-isolated modules K (default 4; 1 is end-to-end training)")
     a("--split", default="paper", help="'paper' (METHOD 3) or the blocks (numbered from 1) after which modules 1..K-1 end, e.g. 2,4,10 (default %(default)s)")
@@ -950,6 +970,8 @@ def run(args):
     num_classes = count_classes(args.dataset, args.data_dir)
     backbone = build_model(args.arch, num_classes, args.img_size, patch_size=args.patch_size, window_size=args.window_size,
                            embed_dim=args.embed_dim, depths=args.depths, heads=args.heads, drop_path=args.drop_path)
+    if args.pretrained:  # ImageNet weights everywhere but the classifier, which is sized for this data set
+        load_torchvision_weights(backbone, pretrained_state_dict(args.arch), with_head=False)
     depths = [len(stage) for stage in backbone.stages]
     ends = resolve_split(args.split, args.k, depths)
     net = LocalSwin(backbone, ends, method=args.method, decoder=args.decoder, lambdas=args.lambdas, mus=args.mus,

@@ -63,6 +63,31 @@ def test_parity_with_torchvision_small_config():
         L.load_torchvision_weights(L.build_model("swin-t", 7, 32, patch_size=2, window_size=4), theirs.state_dict())
 
 
+def test_weights_without_the_head_for_another_data_set():
+    torch.manual_seed(0)
+    theirs = torchvision.models.swin_t()  # 1000 ImageNet classes
+    ours = L.build_model("swin-t", 10)
+    head_before = ours.head.fc.weight.clone()
+    L.load_torchvision_weights(ours, theirs.state_dict(), with_head=False)
+    assert torch.equal(ours.head.fc.weight, head_before)
+    assert torch.equal(ours.head.norm.weight, theirs.norm.weight)
+    assert torch.equal(ours.stages[2][5].mlp[2].weight, theirs.features[5][5].mlp[3].weight)
+    assert torch.equal(ours.patch_embed.proj.weight, theirs.features[0][0].weight)
+
+
+def test_pretrained_offline_fails_with_one_line(tmp_path, capsys, monkeypatch):
+    from urllib.error import URLError
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)  # what get_state_dict calls
+    code = L.main(["--pretrained", "--measure-memory", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0 and err.count("\n") == 1 and "could not fetch" in err and "checkpoints" in err, err
+    assert L.main(["--pretrained", "--arch", "swin-l", "--out", str(tmp_path / "out")]) != 0
+
+
 @pytest.mark.parametrize("resolution,window,shift", [(8, 4, 2), (12, 4, 2), (14, 7, 3), (6, 3, 1)])
 def test_shift_mask_matches_brute_force(resolution, window, shift):
     """Two tokens of a shifted window may attend to each other iff the cyclic shift did not wrap
