@@ -476,11 +476,27 @@ class LocalSwin(nn.Module):
                 head = AuxBlock(in_dim=spec.out_dim, target_dim=spec.in_dim, upscale=spec.in_res // spec.out_res,
                                 decoder=decoder)
             self.aux.append(head)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.devices = [torch.device("cpu")] * len(self.specs)  # where each module lives: see place()
+
+    def place(self, devices):
+        """Put module i, with its auxiliary block and optimizer state to come, on devices[i]
+        (module 1 also gets the patch embedding). Call before making the optimizers."""
+        if len(devices) != len(self.specs):
+            raise ConfigError(f"--devices names {len(devices)} devices for {len(self.specs)} modules: give one per module")
+        self.devices = [torch.device(d) for d in devices]
+        self.backbone.patch_embed.to(self.devices[0])
+        for i, device in enumerate(self.devices):
+            self.specs[i].layers.to(device)
+            if i < len(self.aux):
+                self.aux[i].to(device)
+        return self
 
     def forward(self, images):
-        return self.backbone(images)  # at test time the modules simply run in sequence
+        """At test time the modules simply run in sequence (the same function as backbone(images))."""
+        x = self.backbone.patch_embed(images.to(self.devices[0]))
+        for spec, device in zip(self.specs, self.devices):
+            x = spec.layers(x.to(device, non_blocking=True))
+        return x
 
     def module_parameters(self, i):
         """What optimizer i updates: module i's layers (and the patch embedding for module 1)
@@ -494,6 +510,7 @@ class LocalSwin(nn.Module):
 
     def local_loss(self, i, x_in, x_out, images, labels):
         """Module i's loss. x_in = x_{i-1}, x_out = g_i(x_{i-1}) (logits for the last module)."""
+        labels = labels.to(x_out.device, non_blocking=True)
         if i == len(self.specs) - 1:  # eq. 3: L_K = CE(H(g_K(x_{K-1})), y)
             return F.cross_entropy(x_out, labels, label_smoothing=self.label_smoothing)
         if self.method == "greedy-ce":
@@ -503,7 +520,8 @@ class LocalSwin(nn.Module):
         if recon is None:
             return self.mus[i] * l_con
         if self.method == "infopro":
-            target = (images * self.std + self.mean).clamp(0, 1)  # the image, de-normalised to [0, 1]
+            mean, std = (torch.tensor(v, device=x_out.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+            target = (images.to(x_out.device) * std + mean).clamp(0, 1)  # the image, de-normalised to [0, 1]
         else:
             # Our choice: features are not in [0, 1], so BCE scores the logits against sigmoid(x_{i-1}).
             target = torch.sigmoid(rearrange(x_in.detach(), "b h w c -> b c h w"))
@@ -522,8 +540,10 @@ def train_step(net, optimizers, images, labels, *, clip_grad=5.0, amp_dtype=None
     gradients but keep every graph alive: none of the memory saving.) Returns the K losses."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     losses, x = [], images
-    for i, (spec, optimizer) in enumerate(zip(net.specs, optimizers)):
-        with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    for i, (spec, optimizer, device) in enumerate(zip(net.specs, optimizers, net.devices)):
+        # To the module's device without a host sync: module i-1's backward can still be running there.
+        x = x.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             if i == 0:
                 x = net.backbone.patch_embed(x)  # x_0 is the patch embedding, inside module 1's graph
             out = spec.layers(x)
@@ -610,22 +630,24 @@ class LiveTensorMeter(TorchDispatchMode):
 
 
 class PeakMemory:
-    """Peak training memory in bytes. CUDA: max_memory_allocated since this object was made.
-    CPU: `baseline` (bytes live before, e.g. the parameters) plus the LiveTensorMeter peak over
-    the regions entered with `region()`. Other devices: None."""
+    """Peak training memory in bytes. CUDA: max_memory_allocated since this object was made
+    (the largest over the devices, with a module per device). CPU: `baseline` (bytes live
+    before, e.g. the parameters) plus the LiveTensorMeter peak over the regions entered with
+    `region()`. Other devices: None."""
 
-    def __init__(self, device, baseline=0):
-        self.device, self.baseline = device, baseline
-        self.meter = LiveTensorMeter() if device.type == "cpu" else None
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+    def __init__(self, devices, baseline=0):
+        self.devices, self.baseline = sorted(set(devices), key=str), baseline
+        self.meter = LiveTensorMeter() if self.devices[0].type == "cpu" else None
+        for device in self.devices:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
 
     def region(self):
         return self.meter if self.meter is not None else contextlib.nullcontext()
 
     def peak_bytes(self):
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device)
+        if self.devices[0].type == "cuda":
+            return max(torch.cuda.max_memory_allocated(device) for device in self.devices)
         return self.baseline + self.meter.peak if self.meter is not None else None
 
 
@@ -647,7 +669,9 @@ def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3,
     labels = torch.randint(num_classes, (batch_size,), device=device)
     net.train()
     train_step(net, optimizers, images, labels, **step_kwargs)  # warm-up: creates the optimizer state
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    def sync():  # CUDA runs asynchronously: wait for every device before reading the clock
+        for d in {d for d in net.devices if d.type == "cuda"}:
+            torch.cuda.synchronize(d)
     sync()
     start = time.perf_counter()
     for _ in range(steps):
@@ -655,7 +679,7 @@ def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3,
     sync()
     step_time = (time.perf_counter() - start) / steps
     state = tensor_bytes(list(net.parameters()) + list(net.buffers())) + optimizer_state_bytes(optimizers)
-    memory = PeakMemory(device, baseline=state + tensor_bytes([images, labels]))
+    memory = PeakMemory(net.devices, baseline=state + tensor_bytes([images, labels]))
     with memory.region():
         train_step(net, optimizers, images, labels, **step_kwargs)
     peak = memory.peak_bytes()
@@ -775,7 +799,7 @@ def format_duration(seconds):
 
 
 # Flags that do not change what is computed: a resumed run may change them.
-RUN_ONLY_FLAGS = {"resume", "max_steps", "workers", "device", "data_dir", "no_download", "log_every", "out"}
+RUN_ONLY_FLAGS = {"resume", "max_steps", "workers", "device", "devices", "data_dir", "no_download", "log_every", "out"}
 
 
 def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, device, amp_dtype):
@@ -799,7 +823,7 @@ def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, 
     with open(log_path, "w") as f:  # exactly the epochs the checkpoint has seen
         f.writelines(json.dumps(record) + "\n" for record in history)
 
-    memory = PeakMemory(device, baseline=tensor_bytes(list(net.parameters()) + list(net.buffers())))
+    memory = PeakMemory(net.devices, baseline=tensor_bytes(list(net.parameters()) + list(net.buffers())))
     train_images, train_time, run_start = 0, 0.0, time.perf_counter()
     epoch = start_epoch
     while epoch < args.epochs and not (args.max_steps and step >= args.max_steps):
@@ -811,8 +835,8 @@ def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, 
         for images, labels in train_loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with memory.region():
-                losses = torch.stack(train_step(net, optimizers, images, labels, clip_grad=args.clip_grad,
-                                                amp_dtype=amp_dtype, scaler=scaler)).float()
+                losses = train_step(net, optimizers, images, labels, clip_grad=args.clip_grad, amp_dtype=amp_dtype, scaler=scaler)
+            losses = torch.stack([loss.float().to(device) for loss in losses])
             for scheduler in schedulers:
                 scheduler.step()
             step, done, window_steps = step + 1, done + 1, window_steps + 1
@@ -882,6 +906,7 @@ def run_info(args, net, device):
             "parameters": sum(p.numel() for p in net.backbone.parameters()),
             "aux_parameters": sum(p.numel() for p in net.aux.parameters()),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+            "devices": [str(d) for d in net.devices],
             "torch": torch.__version__}
 
 
@@ -929,6 +954,7 @@ def parse_args(argv=None):
     a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loading processes (default %(default)s)")
     a("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision (fp16 on CUDA only) (default %(default)s)")
     a("--device", help="cuda, cuda:1, cpu, ... (default: cuda when present)")
+    a("--devices", help="one device per module, e.g. cuda:0,cuda:1,cuda:2,cuda:3: module i runs on the i-th (overrides --device)")
     a("--seed", type=int, default=0, help="random seed: the same seed gives the same run (default %(default)s)")
     a("--out", help="output folder (default runs/DATASET-ARCH-kK-METHOD)")
     a("--resume", action="store_true", help="continue the run in --out from its last.pt")
@@ -958,9 +984,10 @@ def run(args):
         if not getattr(args, flag) > 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        devices = [torch.device(d) for d in args.devices.split(",")] if args.devices else None
+        device = devices[0] if devices else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
-        raise ConfigError(f"--device {args.device}: {e}")
+        raise ConfigError(f"--device(s): {e}")
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     if amp_dtype is torch.float16 and device.type != "cuda":
         raise ConfigError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
@@ -975,7 +1002,8 @@ def run(args):
     depths = [len(stage) for stage in backbone.stages]
     ends = resolve_split(args.split, args.k, depths)
     net = LocalSwin(backbone, ends, method=args.method, decoder=args.decoder, lambdas=args.lambdas, mus=args.mus,
-                    temperature=args.temperature, label_smoothing=args.label_smoothing).to(device)
+                    temperature=args.temperature, label_smoothing=args.label_smoothing)
+    net.place(devices or [device] * len(net.specs))
     args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.arch}-k{len(net.specs)}-{args.method}")
     lr = args.lr or 5e-4 * args.batch_size / 512  # linear scaling rule from 5e-4 at batch 512
     describe(net, lr, device)

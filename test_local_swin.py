@@ -412,6 +412,16 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, capsys):
         assert (a["train_loss"], a["test_loss"], a["test_acc"]) == (b["train_loss"], b["test_loss"], b["test_acc"])
 
 
+def test_a_module_per_device_gives_the_same_run(tmp_path, capsys):
+    """--devices puts module i on the i-th device; on cpu,cpu,cpu the run must equal one device's."""
+    assert run_cli(["--k", "3", "--epochs", "1"], tmp_path / "one", capsys)[0] == 0
+    code, cap = run_cli(["--k", "3", "--epochs", "1", "--devices", "cpu,cpu,cpu"], tmp_path / "three", capsys)
+    assert code == 0, cap.err
+    one, three = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("one", "three")]
+    assert [(r["train_loss"], r["test_acc"]) for r in one] == [(r["train_loss"], r["test_acc"]) for r in three]
+    assert json.loads((tmp_path / "three" / "results.json").read_text())["devices"] == ["cpu"] * 3
+
+
 def test_measure_memory_writes_results(tmp_path, capsys):
     code, cap = run_cli(["--measure-memory", "--k", "3"], tmp_path, capsys)
     assert code == 0, cap.err
@@ -462,6 +472,8 @@ BAD_INPUTS = [
     (["--decoder", "magic", "--k", "1"], "unknown --decoder"),
     (["--temperature", "0"], "--temperature"),
     (["--amp", "fp16", "--device", "cpu"], "needs CUDA"),
+    (["--k", "3", "--devices", "cpu,cpu"], "one per module"),
+    (["--devices", "gpu:0"], "--device(s)"),
 ]
 
 
