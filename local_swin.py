@@ -298,7 +298,7 @@ def resolve_split(split, k, depths):
         try:
             ends = tuple(int(b) for b in split.split(","))
         except ValueError:
-            raise ConfigError(f"--split {split!r} is neither 'paper' nor a comma-separated list of block numbers")
+            raise ConfigError(f"--split {split!r} is not 'paper', 'balanced' or a comma-separated list of block numbers")
         if any(b <= a for a, b in zip(ends, ends[1:])) or ends[0] < 1 or ends[-1] >= n:
             raise ConfigError(f"--split {split}: module ends must increase strictly within 1..{n - 1} "
                               f"(the model has {n} blocks; the last module ends at block {n})")
@@ -326,26 +326,31 @@ class ModuleSpec:
     out_res: int
 
 
+def block_units(model):
+    """The blocks in order, each as the layers a split cannot separate (a block, and the patch
+    merging after it if it ends a stage), with the (channels, grid side) of its output."""
+    units = []
+    for s, stage in enumerate(model.stages):
+        for block in stage:
+            if block is stage[-1] and s < len(model.merges):
+                units.append(([block, model.merges[s]], 2 * model.dims[s], model.resolutions[s] // 2))
+            else:
+                units.append(([block], model.dims[s], model.resolutions[s]))
+    return units
+
+
 def split_backbone(model, ends):
     """Cut the backbone after the given block counts. A patch merging goes with the block that
     ends its stage; module 1 starts after the patch embedding (train_step runs it first, so
     that x_0 is the embedding) and module K ends with the classifier head."""
-    groups, shapes = [[]], [(model.dims[0], model.resolutions[0])]
-    block = 0
-    for s, stage in enumerate(model.stages):
-        for b in stage:
-            groups[-1].append(b)
-            block += 1
-            dim, res = model.dims[s], model.resolutions[s]
-            if b is stage[-1] and s < len(model.merges):
-                groups[-1].append(model.merges[s])
-                dim, res = 2 * dim, res // 2
-            if block in ends:
-                groups.append([])
-                shapes.append((dim, res))
-    groups[-1].append(model.head)
-    shapes.append((model.head.fc.in_features, model.resolutions[-1]))
-    return [ModuleSpec(nn.Sequential(*g), *shapes[i], *shapes[i + 1]) for i, g in enumerate(groups)]
+    units = block_units(model)
+    bounds = [0, *ends, len(units)]
+    shapes = [(model.dims[0], model.resolutions[0])] + [(dim, res) for _, dim, res in units]
+    specs = []
+    for a, b in zip(bounds, bounds[1:]):
+        layers = [layer for unit, _, _ in units[a:b] for layer in unit] + ([model.head] if b == len(units) else [])
+        specs.append(ModuleSpec(nn.Sequential(*layers), *shapes[a], *shapes[b]))
+    return specs
 
 
 # ----------------------------------------------------------------------------------------
@@ -645,6 +650,11 @@ class PeakMemory:
     def region(self):
         return self.meter if self.meter is not None else contextlib.nullcontext()
 
+    def live_bytes(self):
+        if self.devices[0].type == "cuda":
+            return sum(torch.cuda.memory_allocated(device) for device in self.devices)
+        return self.baseline + self.meter.live if self.meter is not None else None
+
     def peak_bytes(self):
         if self.devices[0].type == "cuda":
             return max(torch.cuda.max_memory_allocated(device) for device in self.devices)
@@ -687,6 +697,59 @@ def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3,
     return {"peak_memory_mib": peak and peak / mib, "state_memory_mib": state / mib,
             "activation_memory_mib": peak and (peak - state) / mib,
             "step_time_s": step_time, "images_per_second": batch_size / step_time}
+
+
+def balanced_split(backbone, k, lambdas, *, batch_size, device, **net_options):
+    """--split balanced: the cut points that make the largest module, with its auxiliary block,
+    as small as possible at this batch and image size. One forward pass measures the bytes
+    each block keeps for backward (the embedding and head go with the first and last block);
+    one local step of each kind of auxiliary block measures its peak. A module costs its input,
+    its blocks and its auxiliary block, and a dynamic program over the cut points minimises
+    the largest cost. Returns the ends and each module's cost as a share of E2E's."""
+    units = block_units(backbone)
+    n, size = len(units), backbone.patch_embed.img_size
+    images = torch.randn(batch_size, 3, size, size, device=device)
+    labels = torch.randint(backbone.head.fc.out_features, (batch_size,), device=device)
+    backbone.train()
+    memory = PeakMemory([device])
+    with memory.region():
+        start = memory.live_bytes()
+        outputs = [backbone.patch_embed(images)]  # x after the embedding and after each block
+        live = [memory.live_bytes()]
+        for layers, _, _ in units:
+            outputs.append(nn.Sequential(*layers)(outputs[-1]))
+            live.append(memory.live_bytes())
+        outputs.append(backbone.head(outputs[-1]))  # the logits, kept so that the head's bytes count
+        live[-1] = memory.live_bytes()
+    held = [b - a for a, b in zip([start] + live, live)]  # held[0]: the embedding; held[j]: block j
+
+    aux_peaks = {}
+
+    def aux_peak(a, b, reconstructs):  # the auxiliary block reading x_b, for a module that reads x_a
+        key = (outputs[a].shape, outputs[b].shape, reconstructs)
+        if key not in aux_peaks:
+            ends = (b,) if a == 0 else (a, b)
+            probe = LocalSwin(backbone, ends, lambdas=[float(reconstructs)] * len(ends), mus=[1.0] * len(ends),
+                              **net_options).place([device] * (len(ends) + 1))
+            peak = PeakMemory([device])
+            before = peak.live_bytes()
+            with peak.region():
+                probe.local_loss(len(ends) - 1, outputs[a].detach(), outputs[b].detach().requires_grad_(), images, labels).backward()
+            aux_peaks[key] = peak.peak_bytes() - before
+        return aux_peaks[key]
+
+    def module_cost(i, a, b):  # module i + 1 holds blocks a+1 .. b
+        cost = sum(held[a + 1:b + 1]) + (held[0] if a == 0 else tensor_bytes([outputs[a]]))
+        return cost + (aux_peak(a, b, lambdas[i] > 0) if b < n else 0)
+
+    best = {(0, 0): (0, ())}  # (modules placed, blocks covered) -> (largest module cost, ends)
+    for i in range(k):
+        for b in [n] if i == k - 1 else range(i + 1, n - (k - 1 - i) + 1):  # leave a block for each later module
+            best[i + 1, b] = min((max(best[i, a][0], module_cost(i, a, b)), best[i, a][1] + (b,))
+                                 for a in range(i, b) if (i, a) in best)
+    ends = best[k, n][1]
+    shares = [module_cost(i, a, b) / sum(held) for i, (a, b) in enumerate(zip((0,) + ends, ends))]
+    return ends[:-1], shares
 
 
 # ----------------------------------------------------------------------------------------
@@ -938,7 +1001,8 @@ def parse_args(argv=None):
     a("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (swin-t/s/b at 224 px), classifier new")
     a("--drop-path", type=float, help="stochastic depth rate of the last block (default: the arch's)")
     a("--k", type=int, help="number of gradient-isolated modules K (default 4; 1 is end-to-end training)")
-    a("--split", default="paper", help="'paper' (METHOD 3) or the blocks (numbered from 1) after which modules 1..K-1 end, e.g. 2,4,10 (default %(default)s)")
+    a("--split", default="paper", help="'paper' (METHOD 3), 'balanced' (measured: the largest module as small as possible) or the blocks "
+      "(numbered from 1) after which modules 1..K-1 end, e.g. 2,4,10 (default %(default)s)")
     a("--method", default="ours", help=f"one of {', '.join(METHODS)} (default %(default)s)")
     a("--decoder", default="interp", help="reconstruction decoder: interp, deconv or deconv4 (default %(default)s)")
     a("--lambdas", type=float_list, help="reconstruction weights of modules 1..K-1 (default: 3.0 falling linearly to 0.0)")
@@ -1000,9 +1064,15 @@ def run(args):
     if args.pretrained:  # ImageNet weights everywhere but the classifier, which is sized for this data set
         load_torchvision_weights(backbone, pretrained_state_dict(args.arch), with_head=False)
     depths = [len(stage) for stage in backbone.stages]
-    ends = resolve_split(args.split, args.k, depths)
-    net = LocalSwin(backbone, ends, method=args.method, decoder=args.decoder, lambdas=args.lambdas, mus=args.mus,
-                    temperature=args.temperature, label_smoothing=args.label_smoothing)
+    ends = resolve_split("paper" if args.split == "balanced" else args.split, args.k, depths)
+    net_options = dict(method=args.method, decoder=args.decoder, temperature=args.temperature, label_smoothing=args.label_smoothing)
+    if args.split == "balanced":  # the same K, cut where the largest module is smallest
+        lambdas = lambda_mu_schedule(len(ends), args.lambdas, args.mus)[0]
+        ends, shares = balanced_split(backbone.to(device), len(ends) + 1, lambdas, batch_size=args.batch_size,
+                                      device=device, **net_options)
+        print(f"balanced split at batch {args.batch_size}: modules 1..K-1 end after blocks {','.join(map(str, ends))}; "
+              f"each module's memory as a share of E2E's (measured): {' '.join(f'{s:.2f}' for s in shares)}")
+    net = LocalSwin(backbone, ends, lambdas=args.lambdas, mus=args.mus, **net_options)
     net.place(devices or [device] * len(net.specs))
     args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.arch}-k{len(net.specs)}-{args.method}")
     lr = args.lr or 5e-4 * args.batch_size / 512  # linear scaling rule from 5e-4 at batch 512

@@ -238,6 +238,24 @@ def test_k1_is_exactly_end_to_end():
         assert torch.allclose(g, recorded, rtol=1e-5, atol=1e-7)
 
 
+def test_balanced_split_holds_no_more_than_the_paper_split():
+    """The split is chosen from measured bytes; measured again by a real training step, its
+    largest module is no larger than the paper split's, and the estimate matches the step."""
+    torch.manual_seed(0)
+    options = dict(method="ours", decoder="interp", temperature=0.07, label_smoothing=0.1)
+    backbone = L.build_model("swin-t", 10, **{**SMALL, "embed_dim": 32, "heads": (2, 4, 8, 16)})
+    ends, shares = L.balanced_split(backbone, 4, [3.0, 1.5, 0.0], batch_size=16, device=torch.device("cpu"), **options)
+    assert len(ends) == 3 and list(ends) == sorted(set(ends)) and len(shares) == 4
+    measured = {}
+    for name, split in (("e2e", ()), ("paper", (2, 4, 10)), ("balanced", ends)):
+        net = L.LocalSwin(backbone, split, **options)
+        optimizers, _ = L.make_optimizers(net, lr=1e-3, weight_decay=0.05, total_steps=10, warmup_steps=2)
+        measured[name] = L.measure_memory(net, optimizers, batch_size=16, num_classes=10, device=torch.device("cpu"),
+                                          steps=1)["activation_memory_mib"]
+    assert measured["balanced"] <= measured["paper"] * 1.01, (ends, measured)
+    assert max(shares) == pytest.approx(measured["balanced"] / measured["e2e"], abs=0.05), (shares, measured)
+
+
 def test_live_tensor_meter_counts_allocations_not_views():
     meter = L.LiveTensorMeter()
     with meter:
@@ -422,6 +440,14 @@ def test_a_module_per_device_gives_the_same_run(tmp_path, capsys):
     assert json.loads((tmp_path / "three" / "results.json").read_text())["devices"] == ["cpu"] * 3
 
 
+def test_cli_balanced_split(tmp_path, capsys):
+    code, cap = run_cli(["--k", "3", "--split", "balanced", "--measure-memory"], tmp_path, capsys)
+    assert code == 0, cap.err
+    line = next(line for line in cap.out.splitlines() if line.startswith("balanced split"))
+    ends = [int(b) for b in line.split("end after blocks ")[1].split(";")[0].split(",")]
+    assert json.loads((tmp_path / "results.json").read_text())["split"] == ends and len(ends) == 2
+
+
 def test_measure_memory_writes_results(tmp_path, capsys):
     code, cap = run_cli(["--measure-memory", "--k", "3"], tmp_path, capsys)
     assert code == 0, cap.err
@@ -460,7 +486,7 @@ BAD_INPUTS = [
     (["--split", "4,2"], "increase strictly"),
     (["--split", "0,3"], "increase strictly"),
     (["--split", "2,6"], "increase strictly"),
-    (["--split", "2,x"], "neither 'paper'"),
+    (["--split", "2,x"], "not 'paper', 'balanced'"),
     (["--img-size", "36"], "not a multiple"),
     (["--img-size", "33"], "not a multiple of --patch-size"),
     (["--k", "3", "--lambdas", "1,2,3"], "--lambdas has 3 values"),
