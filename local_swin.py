@@ -482,6 +482,7 @@ class LocalSwin(nn.Module):
                                 decoder=decoder)
             self.aux.append(head)
         self.devices = [torch.device("cpu")] * len(self.specs)  # where each module lives: see place()
+        self.steps = [LocalStep(self, i) for i in range(len(self.specs))]  # a list: no second registration
 
     def place(self, devices):
         """Put module i, with its auxiliary block and optimizer state to come, on devices[i]
@@ -506,12 +507,7 @@ class LocalSwin(nn.Module):
     def module_parameters(self, i):
         """What optimizer i updates: module i's layers (and the patch embedding for module 1)
         together with its auxiliary block."""
-        params = list(self.specs[i].layers.parameters())
-        if i == 0:
-            params = list(self.backbone.patch_embed.parameters()) + params
-        if i < len(self.aux):
-            params += list(self.aux[i].parameters())
-        return params
+        return list(self.steps[i].parameters())
 
     def local_loss(self, i, x_in, x_out, images, labels):
         """Module i's loss. x_in = x_{i-1}, x_out = g_i(x_{i-1}) (logits for the last module)."""
@@ -538,6 +534,26 @@ class LocalSwin(nn.Module):
 # Greedy training (paper 3.2-3.3): one module at a time
 # ----------------------------------------------------------------------------------------
 
+class LocalStep(nn.Module):
+    """Module g_i with its local loss as one nn.Module: forward(x_{i-1}, images, labels) returns
+    (x_i, L_i). It owns exactly module i's parameters (with the patch embedding for i = 0 and
+    its auxiliary block), so that DistributedDataParallel can wrap each module on its own and
+    each wrapper sees one backward per step."""
+
+    def __init__(self, net, i):
+        super().__init__()
+        self.i, self.net = i, [net]  # in a list, so that net's parameters are not registered twice
+        self.stem = net.backbone.patch_embed if i == 0 else None
+        self.layers = net.specs[i].layers
+        self.aux = net.aux[i] if i < len(net.aux) else None
+
+    def forward(self, x, images, labels):
+        if self.stem is not None:
+            x = self.stem(x)  # x_0 is the patch embedding, inside module 1's graph
+        out = self.layers(x)
+        return out, self.net[0].local_loss(self.i, x, out, images, labels)
+
+
 def train_step(net, optimizers, images, labels, *, clip_grad=5.0, amp_dtype=None, scaler=None):
     """One training step. Module i runs on the detached x_{i-1}, its local loss is
     backpropagated and its optimizer steps before module i+1 starts, so only one module's
@@ -545,14 +561,11 @@ def train_step(net, optimizers, images, labels, *, clip_grad=5.0, amp_dtype=None
     gradients but keep every graph alive: none of the memory saving.) Returns the K losses."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     losses, x = [], images
-    for i, (spec, optimizer, device) in enumerate(zip(net.specs, optimizers, net.devices)):
+    for step, optimizer, device in zip(net.steps, optimizers, net.devices):
         # To the module's device without a host sync: module i-1's backward can still be running there.
         x = x.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            if i == 0:
-                x = net.backbone.patch_embed(x)  # x_0 is the patch embedding, inside module 1's graph
-            out = spec.layers(x)
-            loss = net.local_loss(i, x, out, images, labels)
+            out, loss = step(x, images, labels)  # x_i = g_i(x_{i-1}) and L_i (eq. 1-3)
         scaler.scale(loss).backward()  # frees module i's graph
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip_grad)
