@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -595,6 +596,31 @@ def make_optimizers(net, *, lr, weight_decay, total_steps, warmup_steps):
     return optimizers, schedulers
 
 
+def init_distributed(device):
+    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on CUDA and gloo on the
+    CPU, and take this process's GPU. Returns (rank, world size, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, device
+
+
+def distribute(net, device):
+    """Data parallelism: wrap each module, with its auxiliary block, in its own
+    DistributedDataParallel. Local learning runs one backward per module per step, which one
+    wrapper around the whole network cannot follow; one per module sees one backward each.
+    The contrastive loss and BatchNorm see each process's own part of the batch (our choice)."""
+    device_ids = [device] if device.type == "cuda" else None
+    # A 1x1 conv's gradient can come back channels-last: the same memory order as its weight for
+    # a 1x1 kernel, but DDP compares strides and warns on every step.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    net.steps = [nn.parallel.DistributedDataParallel(step, device_ids=device_ids) for step in net.steps]
+
+
 @torch.no_grad()
 def evaluate(net, loader, device, amp_dtype=None):
     """Test loss (plain cross-entropy) and top-1 accuracy (%) of the whole network."""
@@ -880,6 +906,8 @@ RUN_ONLY_FLAGS = {"resume", "max_steps", "workers", "device", "devices", "data_d
 
 def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, device, amp_dtype):
     out, K = args.out, len(net.specs)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0  # rank 0 alone writes files
     steps_per_epoch = len(train_loader)
     total_steps = args.epochs * steps_per_epoch
     checkpoint_path = os.path.join(out, "last.pt")
@@ -896,8 +924,9 @@ def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, 
         start_epoch, step, best_acc, history = ckpt["epoch"], ckpt["step"], ckpt["best_acc"], ckpt["history"]
         print(f"resumed from {checkpoint_path} after epoch {start_epoch} (step {step})")
     log_path = os.path.join(out, "log.jsonl")
-    with open(log_path, "w") as f:  # exactly the epochs the checkpoint has seen
-        f.writelines(json.dumps(record) + "\n" for record in history)
+    if is_main:
+        with open(log_path, "w") as f:  # exactly the epochs the checkpoint has seen
+            f.writelines(json.dumps(record) + "\n" for record in history)
 
     memory = PeakMemory(net.devices, baseline=tensor_bytes(list(net.parameters()) + list(net.buffers())))
     train_images, train_time, run_start = 0, 0.0, time.perf_counter()
@@ -905,6 +934,8 @@ def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, 
     while epoch < args.epochs and not (args.max_steps and step >= args.max_steps):
         net.train()
         train_loader.generator.manual_seed(args.seed + epoch)  # the data order of epoch e depends on e alone
+        if hasattr(train_loader.sampler, "set_epoch"):  # a DistributedSampler has its own seed
+            train_loader.sampler.set_epoch(epoch)
         epoch_losses, window_losses = torch.zeros(K, device=device), torch.zeros(K, device=device)
         done = window_steps = 0
         epoch_start = window_start = time.perf_counter()
@@ -913,6 +944,9 @@ def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, 
             with memory.region():
                 losses = train_step(net, optimizers, images, labels, clip_grad=args.clip_grad, amp_dtype=amp_dtype, scaler=scaler)
             losses = torch.stack([loss.float().to(device) for loss in losses])
+            if world > 1:  # the mean over processes: every rank logs the same losses and stops together on a NaN
+                torch.distributed.all_reduce(losses)
+                losses /= world
             for scheduler in schedulers:
                 scheduler.step()
             step, done, window_steps = step + 1, done + 1, window_steps + 1
@@ -924,9 +958,9 @@ def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, 
             window_losses += losses
             if window_steps == args.log_every or done == steps_per_epoch or step == args.max_steps:
                 train_time += time.perf_counter() - window_start
-                train_images += window_steps * args.batch_size
+                train_images += window_steps * args.batch_size * world
                 rate = train_images / train_time
-                eta = (min(total_steps, args.max_steps or total_steps) - step) * args.batch_size / rate
+                eta = (min(total_steps, args.max_steps or total_steps) - step) * args.batch_size * world / rate
                 print(f"epoch {epoch + 1}/{args.epochs} step {done}/{steps_per_epoch} | loss "
                       + " ".join(f"{v:.4f}" for v in (window_losses / window_steps).tolist())
                       + f" | lr {schedulers[0].get_last_lr()[0]:.2e} | {rate:.0f} img/s | ETA {format_duration(eta)}", flush=True)
@@ -942,9 +976,10 @@ def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, 
         history.append(record)
         print(f"epoch {epoch}/{args.epochs} | test loss {test_loss:.4f} | test acc {test_acc:.2f}% (best {best_acc:.2f}%)"
               f" | {record['time_s']:.0f} s", flush=True)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if done == steps_per_epoch:  # a checkpoint marks a finished epoch; a run cut short resumes from the last one
+        if is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if done == steps_per_epoch and is_main:  # a checkpoint marks a finished epoch; a run cut short resumes from the last one
             ckpt = {"epoch": epoch, "step": step, "best_acc": best_acc, "history": history, "config": vars(args),
                     "net": net.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                     "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(),
@@ -954,7 +989,8 @@ def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, 
     results = {"test_acc": history[-1]["test_acc"] if history else None, "best_test_acc": best_acc,
                "peak_memory_mib": peak and peak / 2**20, "images_per_second": train_images / max(train_time, 1e-9),
                "epochs": epoch, "steps": step, "wall_time_s": time.perf_counter() - run_start, **run_info(args, net, device)}
-    write_json(os.path.join(out, "results.json"), results)
+    if is_main:
+        write_json(os.path.join(out, "results.json"), results)
     print(f"done: test acc {results['test_acc']:.2f}% (best {best_acc:.2f}%) | peak memory "
           f"{results['peak_memory_mib'] or float('nan'):.0f} MiB | {results['images_per_second']:.0f} img/s | {out}/results.json")
     return results
@@ -983,6 +1019,7 @@ def run_info(args, net, device):
             "aux_parameters": sum(p.numel() for p in net.aux.parameters()),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
             "devices": [str(d) for d in net.devices],
+            "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
             "torch": torch.__version__}
 
 
@@ -1051,6 +1088,9 @@ def main(argv=None):
     except FloatingPointError as e:
         print(f"error: {e}; stopping", file=sys.stderr)
         return 3
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def run(args):
@@ -1065,6 +1105,11 @@ def run(args):
         device = devices[0] if devices else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
         raise ConfigError(f"--device(s): {e}")
+    rank, world, device = init_distributed(device)
+    if world > 1 and devices:
+        raise ConfigError("--devices (a module per device) does not combine with torchrun (data parallel) yet")
+    if rank:
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints progress
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     if amp_dtype is torch.float16 and device.type != "cuda":
         raise ConfigError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
@@ -1087,9 +1132,14 @@ def run(args):
               f"each module's memory as a share of E2E's (measured): {' '.join(f'{s:.2f}' for s in shares)}")
     net = LocalSwin(backbone, ends, lambdas=args.lambdas, mus=args.mus, **net_options)
     net.place(devices or [device] * len(net.specs))
+    if world > 1:
+        distribute(net, device)
     args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.arch}-k{len(net.specs)}-{args.method}")
-    lr = args.lr or 5e-4 * args.batch_size / 512  # linear scaling rule from 5e-4 at batch 512
+    lr = args.lr or 5e-4 * args.batch_size * world / 512  # linear scaling rule from 5e-4 at a (global) batch of 512
     describe(net, lr, device)
+    if world > 1:
+        print(f"data parallel: {world} processes x batch {args.batch_size} = global batch {args.batch_size * world}, "
+              f"lr {lr:.2e}; the contrastive loss and BatchNorm see each process's own batch")
 
     if not args.measure_memory:
         train_set, test_set = make_datasets(args.dataset, args.data_dir, args.img_size, download=not args.no_download)
@@ -1104,7 +1154,14 @@ def run(args):
     if args.resume and args.measure_memory:
         raise ConfigError("--resume and --measure-memory do not go together")
 
-    steps_per_epoch = 10 if args.measure_memory else len(train_set) // args.batch_size
+    if not args.measure_memory:
+        loader = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda",
+                      persistent_workers=args.workers > 0)
+        sampler = torch.utils.data.DistributedSampler(train_set, seed=args.seed, drop_last=True) if world > 1 else None
+        train_loader = torch.utils.data.DataLoader(train_set, shuffle=sampler is None, sampler=sampler, drop_last=True,
+                                                   generator=torch.Generator(), **loader)
+        test_loader = torch.utils.data.DataLoader(test_set, **loader)  # every process tests on the whole set
+    steps_per_epoch = 10 if args.measure_memory else len(train_loader)
     optimizers, schedulers = make_optimizers(net, lr=lr, weight_decay=args.weight_decay,
                                              total_steps=args.epochs * steps_per_epoch, warmup_steps=args.warmup_epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
@@ -1112,15 +1169,12 @@ def run(args):
         figures = measure_memory(net, optimizers, batch_size=args.batch_size, num_classes=num_classes, device=device,
                                  steps=args.max_steps or 3, clip_grad=args.clip_grad, amp_dtype=amp_dtype, scaler=scaler)
         figures.update(run_info(args, net, device))
-        write_json(os.path.join(args.out, "results.json"), figures)
+        if rank == 0:
+            write_json(os.path.join(args.out, "results.json"), figures)
         print(f"peak training memory {figures['peak_memory_mib']:.0f} MiB (activations etc. above parameters and "
               f"optimizer state: {figures['activation_memory_mib']:.0f} MiB) | step {figures['step_time_s']:.3f} s "
               f"({figures['images_per_second']:.1f} img/s) | {args.out}/results.json")
         return 0
-    loader = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda",
-                  persistent_workers=args.workers > 0)
-    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=True, generator=torch.Generator(), **loader)
-    test_loader = torch.utils.data.DataLoader(test_set, **loader)
     train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, device, amp_dtype)
     return 0
 

@@ -448,6 +448,52 @@ def test_cli_balanced_split(tmp_path, capsys):
     assert json.loads((tmp_path / "results.json").read_text())["split"] == ends and len(ends) == 2
 
 
+DDP_WORKER = """
+import sys, torch, local_swin as L
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+torch.manual_seed(rank)  # different initial weights on each process: DDP must start them all from rank 0's
+backbone = L.build_model("swin-t", 10, img_size=64, patch_size=2, window_size=4, embed_dim=16, heads=(1, 2, 4, 8))
+net = L.LocalSwin(backbone, (2, 4, 10))
+L.distribute(net, torch.device("cpu"))
+optimizers, _ = L.make_optimizers(net, lr=1e-3, weight_decay=0.05, total_steps=10, warmup_steps=1)
+data = torch.Generator().manual_seed(100 + rank)  # and different data
+for _ in range(3):
+    L.train_step(net, optimizers, torch.randn(8, 3, 64, 64, generator=data), torch.randint(4, (8,), generator=data))
+torch.save({name: p.detach() for name, p in net.named_parameters()}, f"{sys.argv[1]}/rank{rank}.pt")
+torch.distributed.destroy_process_group()
+"""
+
+
+def torchrun(args, **kwargs):
+    env = {**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
+                          capture_output=True, text=True, timeout=300, env=env, **kwargs)
+
+
+def test_data_parallel_keeps_every_process_identical(tmp_path):
+    """Two gloo processes, each module its own DDP wrapper: after 3 steps on different data from
+    different initial weights, both processes hold the same parameters, and they have moved."""
+    (tmp_path / "worker.py").write_text(DDP_WORKER)
+    done = torchrun([str(tmp_path / "worker.py"), str(tmp_path)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    torch.manual_seed(0)
+    initial = dict(L.LocalSwin(L.build_model("swin-t", 10, img_size=64, patch_size=2, window_size=4, embed_dim=16,
+                                             heads=(1, 2, 4, 8)), (2, 4, 10)).named_parameters())
+    assert not torch.equal(rank0["backbone.stages.0.0.attn.qkv.weight"], initial["backbone.stages.0.0.attn.qkv.weight"])
+
+
+def test_cli_under_torchrun(tmp_path):
+    done = torchrun([os.path.join(HERE, "local_swin.py"), *TINY_CLI, "--batch-size", "32", "--epochs", "1",
+                     "--max-steps", "4", "--out", str(tmp_path)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["world_size"] == 2 and results["steps"] == 4
+    assert done.stdout.count("global batch 64") == 1 and done.stdout.count("done:") == 1  # rank 0 alone prints
+
+
 def test_measure_memory_writes_results(tmp_path, capsys):
     code, cap = run_cli(["--measure-memory", "--k", "3"], tmp_path, capsys)
     assert code == 0, cap.err
