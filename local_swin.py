@@ -988,7 +988,7 @@ def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, 
     peak = memory.peak_bytes()
     results = {"test_acc": history[-1]["test_acc"] if history else None, "best_test_acc": best_acc,
                "peak_memory_mib": peak and peak / 2**20, "images_per_second": train_images / max(train_time, 1e-9),
-               "epochs": epoch, "steps": step, "wall_time_s": time.perf_counter() - run_start, **run_info(args, net, device)}
+               "epochs": epoch, "steps": step, "wall_time_s": time.perf_counter() - run_start, **run_info(args, net, device, optimizers)}
     if is_main:
         write_json(os.path.join(out, "results.json"), results)
     print(f"done: test acc {results['test_acc']:.2f}% (best {best_acc:.2f}%) | peak memory "
@@ -1012,14 +1012,15 @@ def load_checkpoint(path, args):
     return ckpt
 
 
-def run_info(args, net, device):
+def run_info(args, net, device, optimizers):
     """What a results.json needs to be read later: the full config and what it resolved to."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     return {"config": vars(args), "k": len(net.specs), "split": list(net.ends), "lambdas": net.lambdas, "mus": net.mus,
+            "lr": optimizers[0].param_groups[0]["initial_lr"], "global_batch": args.batch_size * world, "world_size": world,
             "parameters": sum(p.numel() for p in net.backbone.parameters()),
             "aux_parameters": sum(p.numel() for p in net.aux.parameters()),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
             "devices": [str(d) for d in net.devices],
-            "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
             "torch": torch.__version__}
 
 
@@ -1168,7 +1169,7 @@ def run(args):
     if args.measure_memory:
         figures = measure_memory(net, optimizers, batch_size=args.batch_size, num_classes=num_classes, device=device,
                                  steps=args.max_steps or 3, clip_grad=args.clip_grad, amp_dtype=amp_dtype, scaler=scaler)
-        figures.update(run_info(args, net, device))
+        figures.update(run_info(args, net, device, optimizers))
         if rank == 0:
             write_json(os.path.join(args.out, "results.json"), figures)
         print(f"peak training memory {figures['peak_memory_mib']:.0f} MiB (activations etc. above parameters and "

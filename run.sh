@@ -8,6 +8,7 @@
 #   ablation  the loss ablation on CIFAR-100, K=2: ours, greedy-ce, greedy-contrast, E2E
 #   svhn      SVHN, K=4 ours and E2E (needs scipy to read SVHN's .mat files)
 #   large     Swin-B and Swin-L at 384 px (window 12; Swin-L with a batch of 80): memory, then CIFAR-10 training
+#   scaling   needs 4 GPUs: throughput of K=4 on one GPU against a module per GPU (--devices), then torchrun
 #
 # Extra flags after the group go to every command, e.g. `bash run.sh table3 --epochs 100 --amp bf16`.
 # MEMORY_BATCH (default 32) sets the batch of the memory group.
@@ -25,14 +26,14 @@ row() {  # row NAME ARGS...: one training run, output in runs/GROUP/NAME
   "$py" local_swin.py --out "runs/$group/$name" "$@" "${extra[@]}"
 }
 
-memory_table() {  # print the runs of a memory group side by side, as ratios of the E2E row
+memory_table() {  # print the runs of a memory group side by side, as ratios of the first row
   "$py" - "runs/$group" "$@" <<'EOF'
 import json, sys
 root, names = sys.argv[1], sys.argv[2:]
 rows = {n: json.load(open(f"{root}/{n}/results.json")) for n in names}
 base = rows[names[0]]
 print(f"\ndevice: {base['device']}, batch {base['config']['batch_size']}, {base['config']['img_size']} px, torch {base['torch']}")
-print("| run | peak MiB | above params+optimizer MiB | vs E2E | step s | vs E2E |")
+print(f"| run | peak MiB | above params+optimizer MiB | vs {names[0]} | step s | vs {names[0]} |")
 print("|---|---|---|---|---|---|")
 for n, r in rows.items():
     print(f"| {n} | {r['peak_memory_mib']:.0f} | {r['activation_memory_mib']:.0f} | "
@@ -54,7 +55,8 @@ memory)
   row ours-k2 "${m[@]}" --k 2
   row ours-k4 "${m[@]}" --k 4
   row infopro-k4 "${m[@]}" --k 4 --method infopro
-  memory_table e2e ours-k2 ours-k4 infopro-k4
+  row balanced-k4 "${m[@]}" --k 4 --split balanced
+  memory_table e2e ours-k2 ours-k4 infopro-k4 balanced-k4
   ;;
 table3)
   for ds in stl10 cifar10 cifar100; do
@@ -90,8 +92,17 @@ large)
   row swin-l-ours --dataset cifar10 --arch swin-l --img-size 384 --batch-size 80 --k 4
   row swin-l-e2e --dataset cifar10 --arch swin-l --img-size 384 --batch-size 80 --k 1
   ;;
+scaling)
+  s=(--measure-memory --arch swin-t --img-size 224 --batch-size 128 --k 4 --max-steps 10)
+  row one-gpu "${s[@]}" --device cuda:0
+  row module-per-gpu "${s[@]}" --devices cuda:0,cuda:1,cuda:2,cuda:3
+  memory_table one-gpu module-per-gpu
+  echo "== $group/torchrun: 4 processes, one DDP wrapper per module"
+  "$py" -m torch.distributed.run --standalone --nproc_per_node 4 local_swin.py --dataset cifar10 --k 4 \
+    --epochs 1 --max-steps 200 --out "runs/$group/torchrun" "${extra[@]}"
+  ;;
 *)
-  sed -n '2,14p' "$0"
+  sed -n '2,15p' "$0"
   exit 2
   ;;
 esac

@@ -490,7 +490,8 @@ def test_cli_under_torchrun(tmp_path):
                      "--max-steps", "4", "--out", str(tmp_path)])
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["world_size"] == 2 and results["steps"] == 4
+    assert results["world_size"] == 2 and results["steps"] == 4 and results["global_batch"] == 64
+    assert results["lr"] == pytest.approx(2e-3)
     assert done.stdout.count("global batch 64") == 1 and done.stdout.count("done:") == 1  # rank 0 alone prints
 
 
