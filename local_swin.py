@@ -342,7 +342,7 @@ def block_units(model):
 
 def split_backbone(model, ends):
     """Cut the backbone after the given block counts. A patch merging goes with the block that
-    ends its stage; module 1 starts after the patch embedding (train_step runs it first, so
+    ends its stage; module 1 starts after the patch embedding (its LocalStep runs that first, so
     that x_0 is the embedding) and module K ends with the classifier head."""
     units = block_units(model)
     bounds = [0, *ends, len(units)]
@@ -491,11 +491,8 @@ class LocalSwin(nn.Module):
         if len(devices) != len(self.specs):
             raise ConfigError(f"--devices names {len(devices)} devices for {len(self.specs)} modules: give one per module")
         self.devices = [torch.device(d) for d in devices]
-        self.backbone.patch_embed.to(self.devices[0])
-        for i, device in enumerate(self.devices):
-            self.specs[i].layers.to(device)
-            if i < len(self.aux):
-                self.aux[i].to(device)
+        for step, device in zip(self.steps, self.devices):
+            step.to(device)
         return self
 
     def forward(self, images):
