@@ -897,8 +897,10 @@ def format_duration(seconds):
     return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 86400:.1f} days"
 
 
-# Flags that do not change what is computed: a resumed run may change them.
-RUN_ONLY_FLAGS = {"resume", "max_steps", "workers", "device", "devices", "data_dir", "no_download", "log_every", "out"}
+# Flags that do not change what is computed: a resumed run may change them. (--split is
+# checked through the module ends it resolves to: "balanced" and the list it chose are the same.)
+RUN_ONLY_FLAGS = {"resume", "max_steps", "workers", "device", "devices", "data_dir", "no_download", "log_every", "out",
+                  "split"}
 
 
 def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, device, amp_dtype):
@@ -910,7 +912,7 @@ def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, 
     checkpoint_path = os.path.join(out, "last.pt")
     start_epoch, step, best_acc, history = 0, 0, 0.0, []
     if args.resume:
-        ckpt = load_checkpoint(checkpoint_path, args)
+        ckpt = load_checkpoint(checkpoint_path, args, net.ends)
         net.load_state_dict(ckpt["net"])
         for obj, state in zip(optimizers + schedulers, ckpt["optimizers"] + ckpt["schedulers"]):
             obj.load_state_dict(state)
@@ -977,7 +979,7 @@ def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, 
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if done == steps_per_epoch and is_main:  # a checkpoint marks a finished epoch; a run cut short resumes from the last one
-            ckpt = {"epoch": epoch, "step": step, "best_acc": best_acc, "history": history, "config": vars(args),
+            ckpt = {"epoch": epoch, "step": step, "best_acc": best_acc, "history": history, "config": vars(args), "ends": net.ends,
                     "net": net.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                     "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(),
                     "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
@@ -993,7 +995,7 @@ def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, 
     return results
 
 
-def load_checkpoint(path, args):
+def load_checkpoint(path, args, ends):
     if not os.path.isfile(path):
         raise ConfigError(f"--resume: no checkpoint at {path} (a run writes it at the end of each epoch)")
     try:
@@ -1006,6 +1008,9 @@ def load_checkpoint(path, args):
     if changed:
         raise ConfigError(f"--resume: {path} was written with different settings: "
                           + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k)})" for k in changed))
+    if tuple(ckpt["ends"]) != tuple(ends):  # --split balanced measures again, and may cut elsewhere
+        raise ConfigError(f"--resume: {path} has modules ending after blocks {tuple(ckpt['ends'])}, this run chose "
+                          f"{tuple(ends)}; resume with --split {','.join(map(str, ckpt['ends']))}")
     return ckpt
 
 

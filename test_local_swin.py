@@ -495,6 +495,12 @@ def test_cli_under_torchrun(tmp_path):
     assert done.stdout.count("global batch 64") == 1 and done.stdout.count("done:") == 1  # rank 0 alone prints
 
 
+def test_resume_refuses_other_module_ends(tmp_path, capsys):
+    assert run_cli(["--split", "2,4", "--epochs", "2", "--max-steps", "16"], tmp_path, capsys)[0] == 0
+    code, cap = run_cli(["--split", "1,4", "--epochs", "2", "--resume"], tmp_path, capsys)
+    assert code != 0 and "resume with --split 2,4" in cap.err and cap.err.count("\n") == 1
+
+
 def test_measure_memory_writes_results(tmp_path, capsys):
     code, cap = run_cli(["--measure-memory", "--k", "3"], tmp_path, capsys)
     assert code == 0, cap.err
