@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import StochasticDepth
 
 
@@ -626,7 +627,7 @@ def evaluate(net, loader, device, amp_dtype=None):
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = net(images).float()
+            logits = net(images).float().to(device)  # with --devices, the last module's device
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(dim=1) == labels).sum()
         total += len(labels)
@@ -709,7 +710,8 @@ def optimizer_state_bytes(optimizers):
 def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3, **step_kwargs):
     """--measure-memory: training steps on random tensors of the configured shape. Returns the
     peak training memory, the part of it above parameters and optimizer state (activations,
-    gradients, temporaries), and the step time, measured apart from the meter's overhead."""
+    gradients, temporaries), the step time (measured apart from the meters' overhead) and the
+    step's FLOPs (forward and backward, auxiliary blocks included: the cost of local learning)."""
     size = net.backbone.patch_embed.img_size
     images = torch.randn(batch_size, 3, size, size, device=device)
     labels = torch.randint(num_classes, (batch_size,), device=device)
@@ -729,9 +731,11 @@ def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3,
     with memory.region():
         train_step(net, optimizers, images, labels, **step_kwargs)
     peak = memory.peak_bytes()
+    with FlopCounterMode(display=False) as flops:
+        train_step(net, optimizers, images, labels, **step_kwargs)
     mib = 2**20
     return {"peak_memory_mib": peak and peak / mib, "state_memory_mib": state / mib,
-            "activation_memory_mib": peak and (peak - state) / mib,
+            "activation_memory_mib": peak and (peak - state) / mib, "step_gflop": flops.get_total_flops() / 1e9,
             "step_time_s": step_time, "images_per_second": batch_size / step_time}
 
 
@@ -1175,7 +1179,8 @@ def run(args):
         if rank == 0:
             write_json(os.path.join(args.out, "results.json"), figures)
         print(f"peak training memory {figures['peak_memory_mib']:.0f} MiB (activations etc. above parameters and "
-              f"optimizer state: {figures['activation_memory_mib']:.0f} MiB) | step {figures['step_time_s']:.3f} s "
+              f"optimizer state: {figures['activation_memory_mib']:.0f} MiB) | {figures['step_gflop']:.1f} GFLOP, "
+              f"{figures['step_time_s']:.3f} s per step "
               f"({figures['images_per_second']:.1f} img/s) | {args.out}/results.json")
         return 0
     train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, device, amp_dtype)

@@ -33,12 +33,12 @@ root, names = sys.argv[1], sys.argv[2:]
 rows = {n: json.load(open(f"{root}/{n}/results.json")) for n in names}
 base = rows[names[0]]
 print(f"\ndevice: {base['device']}, batch {base['config']['batch_size']}, {base['config']['img_size']} px, torch {base['torch']}")
-print(f"| run | peak MiB | above params+optimizer MiB | vs {names[0]} | step s | vs {names[0]} |")
-print("|---|---|---|---|---|---|")
+print(f"| run | peak MiB | above params+optimizer MiB | vs {names[0]} | GFLOP per step | vs {names[0]} | step s | vs {names[0]} |")
+print("|---|---|---|---|---|---|---|---|")
 for n, r in rows.items():
     print(f"| {n} | {r['peak_memory_mib']:.0f} | {r['activation_memory_mib']:.0f} | "
-          f"{r['activation_memory_mib'] / base['activation_memory_mib']:.3f} | {r['step_time_s']:.3f} | "
-          f"{r['step_time_s'] / base['step_time_s']:.3f} |")
+          f"{r['activation_memory_mib'] / base['activation_memory_mib']:.3f} | {r['step_gflop']:.0f} | "
+          f"{r['step_gflop'] / base['step_gflop']:.3f} | {r['step_time_s']:.3f} | {r['step_time_s'] / base['step_time_s']:.3f} |")
 EOF
 }
 

@@ -507,6 +507,7 @@ def test_measure_memory_writes_results(tmp_path, capsys):
     figures = json.loads((tmp_path / "results.json").read_text())
     assert figures["peak_memory_mib"] > figures["state_memory_mib"] > 0
     assert figures["activation_memory_mib"] > 0 and figures["step_time_s"] > 0 and figures["k"] == 3
+    assert figures["step_gflop"] > 0
     assert "peak training memory" in cap.out
 
 
