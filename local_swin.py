@@ -620,6 +620,18 @@ def distribute(net, device):
 
 
 @torch.no_grad()
+def ranks_identical(net):
+    """Under DDP: does every process hold exactly rank 0's parameters? (Checked once, at the end.)"""
+    same = torch.ones((), device=next(net.parameters()).device)
+    for p in net.parameters():
+        reference = p.detach().clone()
+        torch.distributed.broadcast(reference, src=0)
+        same *= torch.equal(reference, p)
+    torch.distributed.all_reduce(same, op=torch.distributed.ReduceOp.MIN)
+    return bool(same.item())
+
+
+@torch.no_grad()
 def evaluate(net, loader, device, amp_dtype=None):
     """Test loss (plain cross-entropy) and top-1 accuracy (%) of the whole network."""
     net.eval()
@@ -989,7 +1001,8 @@ def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, 
                     "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
             atomic_write(checkpoint_path, lambda tmp: torch.save(ckpt, tmp))
     peak = memory.peak_bytes()
-    results = {"test_acc": history[-1]["test_acc"] if history else None, "best_test_acc": best_acc,
+    results = {"ranks_identical": ranks_identical(net)} if world > 1 else {}
+    results |= {"test_acc": history[-1]["test_acc"] if history else None, "best_test_acc": best_acc,
                "peak_memory_mib": peak and peak / 2**20, "images_per_second": train_images / max(train_time, 1e-9),
                "epochs": epoch, "steps": step, "wall_time_s": time.perf_counter() - run_start, **run_info(args, net, device, optimizers)}
     if is_main:

@@ -400,7 +400,8 @@ def test_cli_trains_on_synthetic_for_every_method(method, k, tmp_path, capsys):
     assert "img/s" in cap.out and "ETA" in cap.out and "test acc" in cap.out
 
 
-def test_cli_imagefolder_of_pngs(tmp_path, capsys):
+@pytest.mark.parametrize("method", L.METHODS)
+def test_cli_imagefolder_of_pngs(method, tmp_path, capsys):
     from PIL import Image
     gen = torch.Generator().manual_seed(0)
     for split, n in (("train", 40), ("val", 8)):
@@ -413,10 +414,11 @@ def test_cli_imagefolder_of_pngs(tmp_path, capsys):
                 image = Image.fromarray(pixels.numpy())
                 (image.convert("L") if i == 0 else image).save(folder / f"{i}.png")  # one grayscale image each
     code, cap = run_cli(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--epochs", "2",
-                         "--batch-size", "16", "--k", "2"], tmp_path / "out", capsys)
+                         "--batch-size", "16", "--k", "2", "--method", method], tmp_path / "out", capsys)
     assert code == 0, cap.err
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["config"]["dataset"] == "imagefolder" and results["test_acc"] is not None
+    assert results["config"]["dataset"] == "imagefolder" and results["config"]["method"] == method
+    assert results["test_acc"] is not None
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, capsys):
@@ -486,10 +488,13 @@ def test_data_parallel_keeps_every_process_identical(tmp_path):
 
 
 def test_cli_under_torchrun(tmp_path):
+    """The command line on synthetic with 2 gloo processes: at the end, every process holds
+    rank 0's parameters exactly (checked by broadcasting them), and rank 0 alone speaks."""
     done = torchrun([os.path.join(HERE, "local_swin.py"), *TINY_CLI, "--batch-size", "32", "--epochs", "1",
                      "--max-steps", "4", "--out", str(tmp_path)])
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
+    assert results["ranks_identical"] is True
     assert results["world_size"] == 2 and results["steps"] == 4 and results["global_batch"] == 64
     assert results["lr"] == pytest.approx(2e-3)
     assert done.stdout.count("global batch 64") == 1 and done.stdout.count("done:") == 1  # rank 0 alone prints
