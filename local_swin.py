@@ -852,6 +852,8 @@ def imagefolder_dirs(root):
 
 def count_classes(name, root):
     """The number of classes, without loading the data (--measure-memory needs no data)."""
+    if name not in DATASETS:
+        raise ConfigError(f"unknown --dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if name == "synthetic":
         return 10
     if name == "imagefolder":
@@ -877,8 +879,6 @@ def make_datasets(name, root, img_size, download=True):
         if train.classes != test.classes:
             raise ConfigError(f"{train_dir} and {test_dir} hold different class folders")
         return train, test
-    if name not in DATASETS:
-        raise ConfigError(f"unknown --dataset {name!r}; choose one of {', '.join(DATASETS)}")
     cls, train_kw, test_kw, _ = torchvision_sets()[name]
     where = os.path.abspath(root)
     try:
@@ -1133,8 +1133,6 @@ def run(args):
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     if amp_dtype is torch.float16 and device.type != "cuda":
         raise ConfigError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
-    if args.dataset not in DATASETS:
-        raise ConfigError(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
     torch.manual_seed(args.seed)
     num_classes = count_classes(args.dataset, args.data_dir)
     backbone = build_model(args.arch, num_classes, args.img_size, patch_size=args.patch_size, window_size=args.window_size,
