@@ -1114,17 +1114,23 @@ def main(argv=None):
 
 
 def run(args):
+    # --- check the flags and pick the devices
     for flag in ("batch_size", "epochs", "log_every", "img_size"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
     for flag in ("temperature", "clip_grad"):
         if not getattr(args, flag) > 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
+    if args.resume and args.measure_memory:
+        raise ConfigError("--resume and --measure-memory do not go together")
     try:
         devices = [torch.device(d) for d in args.devices.split(",")] if args.devices else None
         device = devices[0] if devices else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
         raise ConfigError(f"--device(s): {e}")
+    for d in devices or [device]:
+        if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"--device(s): {d} is not available here ({torch.cuda.device_count()} CUDA devices)")
     rank, world, device = init_distributed(device)
     if world > 1 and devices:
         raise ConfigError("--devices (a module per device) does not combine with torchrun (data parallel) yet")
@@ -1133,17 +1139,31 @@ def run(args):
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     if amp_dtype is torch.float16 and device.type != "cuda":
         raise ConfigError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
+
+    # --- the model, the data and the output folder: every check before anything is written
     torch.manual_seed(args.seed)
     num_classes = count_classes(args.dataset, args.data_dir)
     backbone = build_model(args.arch, num_classes, args.img_size, patch_size=args.patch_size, window_size=args.window_size,
                            embed_dim=args.embed_dim, depths=args.depths, heads=args.heads, drop_path=args.drop_path)
+    ends = resolve_split("paper" if args.split == "balanced" else args.split, args.k, [len(s) for s in backbone.stages])
+    lambdas = lambda_mu_schedule(len(ends), args.lambdas, args.mus)[0]
+    if not args.measure_memory:
+        train_set, test_set = make_datasets(args.dataset, args.data_dir, args.img_size, download=not args.no_download)
+        if len(train_set) < args.batch_size * world:
+            raise ConfigError(f"--batch-size {args.batch_size} x {world} processes is more than the {len(train_set)} training images")
+    args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.arch}-k{len(ends) + 1}-{args.method}")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        if not os.access(args.out, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as e:
+        raise ConfigError(f"--out {args.out}: cannot write there ({e.strerror or e})")
     if args.pretrained:  # ImageNet weights everywhere but the classifier, which is sized for this data set
         load_torchvision_weights(backbone, pretrained_state_dict(args.arch), with_head=False)
-    depths = [len(stage) for stage in backbone.stages]
-    ends = resolve_split("paper" if args.split == "balanced" else args.split, args.k, depths)
+
+    # --- cut it into modules, place them, wrap them
     net_options = dict(method=args.method, decoder=args.decoder, temperature=args.temperature, label_smoothing=args.label_smoothing)
     if args.split == "balanced":  # the same K, cut where the largest module is smallest
-        lambdas = lambda_mu_schedule(len(ends), args.lambdas, args.mus)[0]
         ends, shares = balanced_split(backbone.to(device), len(ends) + 1, lambdas, batch_size=args.batch_size,
                                       device=device, **net_options)
         print(f"balanced split at batch {args.batch_size}: modules 1..K-1 end after blocks {','.join(map(str, ends))}; "
@@ -1152,26 +1172,13 @@ def run(args):
     net.place(devices or [device] * len(net.specs))
     if world > 1:
         distribute(net, device)
-    args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.arch}-k{len(net.specs)}-{args.method}")
     lr = args.lr or 5e-4 * args.batch_size * world / 512  # linear scaling rule from 5e-4 at a (global) batch of 512
     describe(net, lr, device)
     if world > 1:
         print(f"data parallel: {world} processes x batch {args.batch_size} = global batch {args.batch_size * world}, "
               f"lr {lr:.2e}; the contrastive loss and BatchNorm see each process's own batch")
 
-    if not args.measure_memory:
-        train_set, test_set = make_datasets(args.dataset, args.data_dir, args.img_size, download=not args.no_download)
-        if len(train_set) < args.batch_size:
-            raise ConfigError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        if not os.access(args.out, os.W_OK):
-            raise PermissionError("not writable")
-    except OSError as e:
-        raise ConfigError(f"--out {args.out}: cannot write there ({e.strerror or e})")
-    if args.resume and args.measure_memory:
-        raise ConfigError("--resume and --measure-memory do not go together")
-
+    # --- data loaders, optimizers; then measure, or train
     if not args.measure_memory:
         loader = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda",
                       persistent_workers=args.workers > 0)
@@ -1183,18 +1190,17 @@ def run(args):
     optimizers, schedulers = make_optimizers(net, lr=lr, weight_decay=args.weight_decay,
                                              total_steps=args.epochs * steps_per_epoch, warmup_steps=args.warmup_epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    if args.measure_memory:
-        figures = measure_memory(net, optimizers, batch_size=args.batch_size, num_classes=num_classes, device=device,
-                                 steps=args.max_steps or 3, clip_grad=args.clip_grad, amp_dtype=amp_dtype, scaler=scaler)
-        figures.update(run_info(args, net, device, optimizers))
-        if rank == 0:
-            write_json(os.path.join(args.out, "results.json"), figures)
-        print(f"peak training memory {figures['peak_memory_mib']:.0f} MiB (activations etc. above parameters and "
-              f"optimizer state: {figures['activation_memory_mib']:.0f} MiB) | {figures['step_gflop']:.1f} GFLOP, "
-              f"{figures['step_time_s']:.3f} s per step "
-              f"({figures['images_per_second']:.1f} img/s) | {args.out}/results.json")
+    if not args.measure_memory:
+        train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, device, amp_dtype)
         return 0
-    train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, device, amp_dtype)
+    figures = measure_memory(net, optimizers, batch_size=args.batch_size, num_classes=num_classes, device=device,
+                             steps=args.max_steps or 3, clip_grad=args.clip_grad, amp_dtype=amp_dtype, scaler=scaler)
+    figures.update(run_info(args, net, device, optimizers))
+    if rank == 0:
+        write_json(os.path.join(args.out, "results.json"), figures)
+    print(f"peak training memory {figures['peak_memory_mib']:.0f} MiB (activations etc. above parameters and "
+          f"optimizer state: {figures['activation_memory_mib']:.0f} MiB) | {figures['step_gflop']:.1f} GFLOP, "
+          f"{figures['step_time_s']:.3f} s per step ({figures['images_per_second']:.1f} img/s) | {args.out}/results.json")
     return 0
 
 

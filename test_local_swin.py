@@ -559,6 +559,7 @@ BAD_INPUTS = [
     (["--amp", "fp16", "--device", "cpu"], "needs CUDA"),
     (["--k", "3", "--devices", "cpu,cpu"], "one per module"),
     (["--devices", "gpu:0"], "--device(s)"),
+    (["--device", "cuda:7"], "is not available here"),
 ]
 
 
