@@ -100,7 +100,7 @@ class WindowAttention(nn.Module):
         self.register_buffer("mask", mask, persistent=False)
 
     def forward(self, x):
-        B, H, W, C = x.shape
+        side = x.shape[1]
         if self.shift:
             x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
         windows = rearrange(x, "b (nh wh) (nw ww) c -> b (nh nw) (wh ww) c", wh=self.window, ww=self.window)
@@ -110,7 +110,7 @@ class WindowAttention(nn.Module):
         attn_mask = rearrange(self.mask[:, None] + bias[None], "w h n m -> 1 (w h) n m")  # broadcast over b
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype))  # scale 1/sqrt(d)
         out = self.proj(rearrange(out, "b (w h) n d -> b w n (h d)", h=self.heads))
-        x = rearrange(out, "b (nh nw) (wh ww) c -> b (nh wh) (nw ww) c", nh=H // self.window, wh=self.window)
+        x = rearrange(out, "b (nh nw) (wh ww) c -> b (nh wh) (nw ww) c", nh=side // self.window, wh=self.window)
         if self.shift:
             x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
         return x
@@ -483,6 +483,9 @@ class LocalSwin(nn.Module):
                 head = AuxBlock(in_dim=spec.out_dim, target_dim=spec.in_dim, upscale=spec.in_res // spec.out_res,
                                 decoder=decoder)
             self.aux.append(head)
+        # InfoPro's target is the image de-normalised to [0, 1]; kept here, not rebuilt every step.
+        self.register_buffer("image_mean_std", torch.tensor([IMAGENET_MEAN, IMAGENET_STD]).view(2, 1, 3, 1, 1),
+                             persistent=False)
         self.devices = [torch.device("cpu")] * len(self.specs)  # where each module lives: see place()
         self.steps = [LocalStep(self, i) for i in range(len(self.specs))]  # a list: no second registration
 
@@ -494,6 +497,7 @@ class LocalSwin(nn.Module):
         self.devices = [torch.device(d) for d in devices]
         for step, device in zip(self.steps, self.devices):
             step.to(device)
+        self.image_mean_std = self.image_mean_std.to(self.devices[0])
         return self
 
     def forward(self, images):
@@ -520,8 +524,8 @@ class LocalSwin(nn.Module):
         if recon is None:
             return self.mus[i] * l_con
         if self.method == "infopro":
-            mean, std = (torch.tensor(v, device=x_out.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-            target = (images.to(x_out.device) * std + mean).clamp(0, 1)  # the image, de-normalised to [0, 1]
+            mean, std = self.image_mean_std.to(x_out.device, non_blocking=True)  # a no-op on one device
+            target = (images.to(x_out.device) * std + mean).clamp(0, 1)
         else:
             # Our choice: features are not in [0, 1], so BCE scores the logits against sigmoid(x_{i-1}).
             target = torch.sigmoid(rearrange(x_in.detach(), "b h w c -> b c h w"))
@@ -592,6 +596,10 @@ def make_optimizers(net, *, lr, weight_decay, total_steps, warmup_steps):
         optimizers.append(optimizer)
         schedulers.append(torch.optim.lr_scheduler.SequentialLR(optimizer, phases, milestones=[warmup_steps][:len(phases) - 1]))
     return optimizers, schedulers
+
+
+def world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def init_distributed(device):
@@ -921,7 +929,7 @@ RUN_ONLY_FLAGS = {"resume", "max_steps", "workers", "device", "devices", "data_d
 
 def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, device, amp_dtype):
     out, K = args.out, len(net.specs)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world = world_size()
     is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0  # rank 0 alone writes files
     steps_per_epoch = len(train_loader)
     total_steps = args.epochs * steps_per_epoch
@@ -1033,7 +1041,7 @@ def load_checkpoint(path, args, ends):
 
 def run_info(args, net, device, optimizers):
     """What a results.json needs to be read later: the full config and what it resolved to."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world = world_size()
     return {"config": vars(args), "k": len(net.specs), "split": list(net.ends), "lambdas": net.lambdas, "mus": net.mus,
             "lr": optimizers[0].param_groups[0]["initial_lr"], "global_batch": args.batch_size * world, "world_size": world,
             "parameters": sum(p.numel() for p in net.backbone.parameters()),
