@@ -640,19 +640,19 @@ def ranks_identical(net):
 
 
 @torch.no_grad()
-def evaluate(net, loader, device, amp_dtype=None):
-    """Test loss (plain cross-entropy) and top-1 accuracy (%) of the whole network."""
+def evaluate(net, data, device, batch_size, amp_dtype=None):
+    """Loss (plain cross-entropy) and top-1 accuracy (%) of the whole network on an ImageSet."""
     net.eval()
-    loss_sum, correct, total = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    for start in range(0, len(data), batch_size):
+        images = prepare_batch(data.images[start:start + batch_size].to(device), net.backbone.patch_embed.img_size)
+        labels = data.labels[start:start + batch_size].to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = net(images).float().to(device)  # with --devices, the last module's device
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(dim=1) == labels).sum()
-        total += len(labels)
     net.train()
-    return loss_sum.item() / total, 100.0 * correct.item() / total
+    return loss_sum.item() / len(data), 100.0 * correct.item() / len(data)
 
 
 # ----------------------------------------------------------------------------------------
@@ -813,28 +813,32 @@ def balanced_split(backbone, k, lambdas, *, batch_size, device, **net_options):
 
 
 # ----------------------------------------------------------------------------------------
-# Data (METHOD 6)
+# Data (design note 6): whole data sets in memory, augmented a batch at a time
 # ----------------------------------------------------------------------------------------
 
-class SyntheticImages(torch.utils.data.Dataset):
-    """A small data set a model can learn, for smoke tests: each class is a fixed random
-    smooth colour pattern, each sample that pattern plus noise. Items are uint8 (3, S, S)."""
-
-    def __init__(self, *, train, num_classes=10, size=32, transform=None):
-        gen = torch.Generator().manual_seed(0)  # the same class patterns in both splits
-        patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=gen), size=size, mode="bilinear")
-        gen.manual_seed(1 if train else 2)
-        n = 1024 if train else 256
-        self.labels = torch.randint(num_classes, (n,), generator=gen)
-        noisy = patterns[self.labels] + 0.15 * torch.randn(n, 3, size, size, generator=gen)
-        self.images = (noisy.clamp(0, 1) * 255).to(torch.uint8)
-        self.transform = transform
+@dataclass
+class ImageSet:
+    """A data set held in memory: uint8 images (N, C, H, W), C = 1 (grayscale) or 3, and labels.
+    Small data sets (MNIST to STL-10) fit easily, and nothing is decoded twice."""
+    images: torch.Tensor
+    labels: torch.Tensor
 
     def __len__(self):
         return len(self.labels)
 
-    def __getitem__(self, i):
-        return self.transform(self.images[i]), int(self.labels[i])
+    def subset(self, index):
+        return ImageSet(self.images[index], self.labels[index])
+
+
+def synthetic_images(train, num_classes=10, size=32):
+    """A small data set a model can learn, for smoke tests: each class is a fixed random
+    smooth colour pattern, each sample that pattern plus noise."""
+    gen = torch.Generator().manual_seed(0)  # the same class patterns in both splits
+    patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=gen), size=size, mode="bilinear")
+    gen.manual_seed(1 if train else 2)
+    labels = torch.randint(num_classes, (1024 if train else 256,), generator=gen)
+    noisy = patterns[labels] + 0.15 * torch.randn(len(labels), 3, size, size, generator=gen)
+    return ImageSet((noisy.clamp(0, 1) * 255).to(torch.uint8), labels)
 
 
 def torchvision_sets():
@@ -844,10 +848,23 @@ def torchvision_sets():
         "cifar100": (datasets.CIFAR100, {"train": True}, {"train": False}, 100),
         "stl10": (datasets.STL10, {"split": "train"}, {"split": "test"}, 10),  # the unlabelled split is unused
         "svhn": (datasets.SVHN, {"split": "train"}, {"split": "test"}, 10),
+        "mnist": (datasets.MNIST, {"train": True}, {"train": False}, 10),
+        "fashion-mnist": (datasets.FashionMNIST, {"train": True}, {"train": False}, 10),
     }
 
 
-DATASETS = ("cifar10", "cifar100", "stl10", "svhn", "imagefolder", "synthetic")
+DATASETS = ("cifar10", "cifar100", "stl10", "svhn", "mnist", "fashion-mnist", "imagefolder", "synthetic")
+
+
+def as_image_set(dataset):
+    """The uint8 array a torchvision data set already holds, as (N, C, H, W), with its labels."""
+    images = torch.as_tensor(dataset.data)
+    if images.ndim == 3:  # MNIST-like: (N, H, W), grayscale
+        images = images[:, None]
+    elif images.shape[-1] == 3:  # CIFAR: (N, H, W, 3)
+        images = rearrange(images, "n h w c -> n c h w")
+    labels = dataset.targets if hasattr(dataset, "targets") else dataset.labels  # SVHN and STL-10 say labels
+    return ImageSet(images.contiguous(), torch.as_tensor(labels, dtype=torch.long))
 
 
 def imagefolder_dirs(root):
@@ -856,6 +873,17 @@ def imagefolder_dirs(root):
         raise ConfigError(f"--dataset imagefolder needs {os.path.join(root, 'train')}/<class>/* and "
                           f"{os.path.join(root, 'val')} (or test)/<class>/*; not found")
     return os.path.join(root, "train"), test
+
+
+def decode_folder(folder, img_size, workers):
+    """An ImageFolder decoded once, in `workers` processes, resized to img_size (our choice: a
+    folder of large images would not fit in memory at full size) and converted to RGB."""
+    from torchvision import datasets
+    from torchvision.transforms import v2
+    dataset = datasets.ImageFolder(folder, v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True)]))
+    print(f"decoding {len(dataset)} images in {folder} once, at {img_size} x {img_size}", flush=True)
+    parts = list(torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers))
+    return ImageSet(torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])), dataset.classes
 
 
 def count_classes(name, root):
@@ -870,33 +898,67 @@ def count_classes(name, root):
     return torchvision_sets()[name][3]
 
 
-def make_datasets(name, root, img_size, download=True):
-    """(train, test) data sets, images resized to img_size. Training augmentation (our
-    choice, lighter than Swin's RandAugment/Mixup/CutMix): random resized crop and flip."""
-    from torchvision import datasets
-    from torchvision.transforms import v2
-    to_tensor = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    train_tf = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(img_size, scale=(0.35, 1.0), antialias=True),
-                           v2.RandomHorizontalFlip(), *to_tensor])
-    test_tf = v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True), *to_tensor])
+def make_datasets(name, root, img_size, download=True, workers=0):
+    """(train, test) ImageSets. torchvision's classes download a data set (or find it in `root`)."""
     if name == "synthetic":
-        return SyntheticImages(train=True, transform=train_tf), SyntheticImages(train=False, transform=test_tf)
-    if name == "imagefolder":  # ImageFolder's loader converts every image (grayscale too) to RGB
-        train_dir, test_dir = imagefolder_dirs(root)
-        train, test = datasets.ImageFolder(train_dir, train_tf), datasets.ImageFolder(test_dir, test_tf)
-        if train.classes != test.classes:
-            raise ConfigError(f"{train_dir} and {test_dir} hold different class folders")
+        return synthetic_images(train=True), synthetic_images(train=False)
+    if name == "imagefolder":
+        (train, classes), (test, test_classes) = (decode_folder(d, img_size, workers) for d in imagefolder_dirs(root))
+        if classes != test_classes:
+            raise ConfigError(f"{' and '.join(imagefolder_dirs(root))} hold different class folders")
         return train, test
     cls, train_kw, test_kw, _ = torchvision_sets()[name]
     where = os.path.abspath(root)
     try:
-        return cls(root, transform=train_tf, download=download, **train_kw), cls(root, transform=test_tf, download=download, **test_kw)
+        return tuple(as_image_set(cls(root, download=download, **kw)) for kw in (train_kw, test_kw))
     except ImportError as e:  # SVHN's .mat files need scipy
         raise ConfigError(f"--dataset {name} needs a package torchvision lacks here ({e}); pip install scipy")
     except (RuntimeError, OSError) as e:  # not found (--no-download), or no network (URLError is an OSError)
         how = "run without --no-download to fetch it" if not download else f"the download failed ({e})"
-        raise ConfigError(f"--dataset {name}: not found in {where}; {how}, or put torchvision's extracted "
-                          f"copy of {cls.__name__} there (--data-dir)")
+        files = [os.path.splitext(os.path.basename(url))[0] for url, _ in getattr(cls, "resources", [])]
+        put = (f"put {', '.join(files)} (gunzipped) in {os.path.join(where, cls.__name__, 'raw')}" if files
+               else f"put torchvision's extracted copy of {cls.__name__} there (--data-dir)")
+        raise ConfigError(f"--dataset {name}: not found in {where}; {how}, or {put}")
+
+
+def validation_split(train, fraction, seed=0):
+    """(train, val): a fixed random `fraction` of the training set held out for choosing
+    settings. The split depends on `seed` alone, not on --seed: every run is judged on the same images."""
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"--val-split {fraction}: must be in [0, 1)")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    n_val = round(fraction * len(train))
+    return train.subset(order[n_val:]), (train.subset(order[:n_val]) if n_val else None)
+
+
+def random_resized_crop(images, size, min_scale, generator):
+    """Training augmentation for a whole batch (our choice, lighter than Swin's RandAugment,
+    Mixup and CutMix): per image, a crop of a random fraction in [min_scale, 1] of the area
+    with aspect ratio in [3/4, 4/3], resized to size x size, flipped left-right half the time.
+    One affine grid_sample does it all on the batch's device. (B, C, H, W) -> (B, C, size, size)."""
+    u = torch.rand(len(images), 5, generator=generator).to(images.device)
+    area = min_scale + (1 - min_scale) * u[:, 0]
+    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[:, 1])  # log-uniform, as torchvision draws it
+    w, h = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)  # crop sides / image sides
+    flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
+    zero = torch.zeros_like(w)
+    # grid_sample coordinates run from -1 to 1: the crop's centre may lie up to 1 - w from the middle.
+    theta = torch.stack([torch.stack([w * flip, zero, (1 - w) * (2 * u[:, 2] - 1)], dim=1),
+                         torch.stack([zero, h, (1 - h) * (2 * u[:, 3] - 1)], dim=1)], dim=1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, [len(images), images.shape[1], size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def prepare_batch(images, img_size, generator=None, min_scale=0.35):
+    """uint8 (B, 1 or 3, H, W) -> the network's input (B, 3, S, S), ImageNet-normalised, grayscale
+    repeated to 3 channels. Training (a generator): random resized crop and flip; testing: resize."""
+    x = images.float().div(255).expand(-1, 3, -1, -1)
+    if generator is not None:
+        x = random_resized_crop(x, img_size, min_scale, generator)
+    elif x.shape[-2:] != (img_size, img_size):
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True, align_corners=False)
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return (x - mean) / std
 
 
 # ----------------------------------------------------------------------------------------
@@ -927,14 +989,17 @@ RUN_ONLY_FLAGS = {"resume", "max_steps", "workers", "device", "devices", "data_d
                   "split"}
 
 
-def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, device, amp_dtype):
-    out, K = args.out, len(net.specs)
+def train(args, net, optimizers, schedulers, scaler, data, device, amp_dtype):
+    """The greedy training run over `data` = (train, val or None, test) ImageSets: progress lines,
+    log.jsonl (one record per epoch), last.pt at the end of each epoch, results.json at the end."""
+    out, K, (train_set, val_set, test_set) = args.out, len(net.specs), data
     world = world_size()
-    is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0  # rank 0 alone writes files
-    steps_per_epoch = len(train_loader)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0  # rank 0 alone writes files
+    img_size, batch = net.backbone.patch_embed.img_size, args.batch_size
+    steps_per_epoch = len(train_set) // (batch * world)
     total_steps = args.epochs * steps_per_epoch
     checkpoint_path = os.path.join(out, "last.pt")
-    start_epoch, step, best_acc, history = 0, 0, 0.0, []
+    start_epoch, step, history = 0, 0, []
     if args.resume:
         ckpt = load_checkpoint(checkpoint_path, args, net.ends)
         net.load_state_dict(ckpt["net"])
@@ -944,10 +1009,10 @@ def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, 
         torch.set_rng_state(ckpt["rng"])
         if device.type == "cuda" and ckpt["cuda_rng"] is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-        start_epoch, step, best_acc, history = ckpt["epoch"], ckpt["step"], ckpt["best_acc"], ckpt["history"]
+        start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
         print(f"resumed from {checkpoint_path} after epoch {start_epoch} (step {step})")
     log_path = os.path.join(out, "log.jsonl")
-    if is_main:
+    if rank == 0:
         with open(log_path, "w") as f:  # exactly the epochs the checkpoint has seen
             f.writelines(json.dumps(record) + "\n" for record in history)
 
@@ -956,15 +1021,18 @@ def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, 
     epoch = start_epoch
     while epoch < args.epochs and not (args.max_steps and step >= args.max_steps):
         net.train()
-        train_loader.generator.manual_seed(args.seed + epoch)  # the data order of epoch e depends on e alone
-        if hasattr(train_loader.sampler, "set_epoch"):  # a DistributedSampler has its own seed
-            train_loader.sampler.set_epoch(epoch)
+        # Epoch e's order and augmentations depend on (seed, e) alone, so a resumed run repeats them.
+        generator = torch.Generator().manual_seed(1000 * args.seed + epoch)
+        order = torch.randperm(len(train_set), generator=generator)
         epoch_losses, window_losses = torch.zeros(K, device=device), torch.zeros(K, device=device)
         done = window_steps = 0
         epoch_start = window_start = time.perf_counter()
-        for images, labels in train_loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with memory.region():
+        for done in range(1, steps_per_epoch + 1):
+            part = order[((done - 1) * world + rank) * batch:][:batch]  # each process its own part of the global batch
+            images = prepare_batch(train_set.images[part].to(device, non_blocking=True), img_size, generator, args.crop_scale)
+            labels = train_set.labels[part].to(device, non_blocking=True)
+            # The meter (a Python hook on every operator on the CPU) reads the peak on each epoch's first step only.
+            with memory.region() if done == 1 else contextlib.nullcontext():
                 losses = train_step(net, optimizers, images, labels, clip_grad=args.clip_grad, amp_dtype=amp_dtype, scaler=scaler)
             losses = torch.stack([loss.float().to(device) for loss in losses])
             if world > 1:  # the mean over processes: every rank logs the same losses and stops together on a NaN
@@ -972,7 +1040,7 @@ def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, 
                 losses /= world
             for scheduler in schedulers:
                 scheduler.step()
-            step, done, window_steps = step + 1, done + 1, window_steps + 1
+            step, window_steps = step + 1, window_steps + 1
             bad = (~torch.isfinite(losses)).nonzero()  # one host sync per step, to name the step and module
             if len(bad):
                 i = bad[0].item()
@@ -981,9 +1049,9 @@ def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, 
             window_losses += losses
             if window_steps == args.log_every or done == steps_per_epoch or step == args.max_steps:
                 train_time += time.perf_counter() - window_start
-                train_images += window_steps * args.batch_size * world
+                train_images += window_steps * batch * world
                 rate = train_images / train_time
-                eta = (min(total_steps, args.max_steps or total_steps) - step) * args.batch_size * world / rate
+                eta = (min(total_steps, args.max_steps or total_steps) - step) * batch * world / rate
                 print(f"epoch {epoch + 1}/{args.epochs} step {done}/{steps_per_epoch} | loss "
                       + " ".join(f"{v:.4f}" for v in (window_losses / window_steps).tolist())
                       + f" | lr {schedulers[0].get_last_lr()[0]:.2e} | {rate:.0f} img/s | ETA {format_duration(eta)}", flush=True)
@@ -991,32 +1059,38 @@ def train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, 
                 window_steps, window_start = 0, time.perf_counter()
             if args.max_steps and step >= args.max_steps:
                 break
-        test_loss, test_acc = evaluate(net, test_loader, device, amp_dtype)
-        best_acc = max(best_acc, test_acc)
         epoch += 1
-        record = {"epoch": epoch, "steps": done, "train_loss": (epoch_losses / done).tolist(), "test_loss": test_loss,
-                  "test_acc": test_acc, "lr": schedulers[0].get_last_lr()[0], "time_s": time.perf_counter() - epoch_start}
+        record = {"epoch": epoch, "steps": done, "train_loss": (epoch_losses / done).tolist(),
+                  "lr": schedulers[0].get_last_lr()[0], "train_time_s": time.perf_counter() - epoch_start}
+        for name, split in (("val", val_set), ("test", test_set)):  # test is reported, never used to choose
+            if split is not None:
+                record[f"{name}_loss"], record[f"{name}_acc"] = evaluate(net, split, device, batch, amp_dtype)
         history.append(record)
-        print(f"epoch {epoch}/{args.epochs} | test loss {test_loss:.4f} | test acc {test_acc:.2f}% (best {best_acc:.2f}%)"
-              f" | {record['time_s']:.0f} s", flush=True)
-        if is_main:
+        print(f"epoch {epoch}/{args.epochs} | " + " | ".join(f"{name} loss {record[f'{name}_loss']:.4f} acc {record[f'{name}_acc']:.2f}%"
+                                                               for name in ("val", "test") if f"{name}_acc" in record)
+              + f" | {record['train_time_s']:.0f} s", flush=True)
+        if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        if done == steps_per_epoch and is_main:  # a checkpoint marks a finished epoch; a run cut short resumes from the last one
-            ckpt = {"epoch": epoch, "step": step, "best_acc": best_acc, "history": history, "config": vars(args), "ends": net.ends,
+        if done == steps_per_epoch and rank == 0:  # a checkpoint marks a finished epoch; a run cut short resumes from the last one
+            ckpt = {"epoch": epoch, "step": step, "history": history, "config": vars(args), "ends": net.ends,
                     "net": net.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                     "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(),
                     "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
             atomic_write(checkpoint_path, lambda tmp: torch.save(ckpt, tmp))
     peak = memory.peak_bytes()
     results = {"ranks_identical": ranks_identical(net)} if world > 1 else {}
-    results |= {"test_acc": history[-1]["test_acc"] if history else None, "best_test_acc": best_acc,
-               "peak_memory_mib": peak and peak / 2**20, "images_per_second": train_images / max(train_time, 1e-9),
-               "epochs": epoch, "steps": step, "wall_time_s": time.perf_counter() - run_start, **run_info(args, net, device, optimizers)}
-    if is_main:
+    last = history[-1] if history else {}
+    best_val = max(history, key=lambda r: r["val_acc"]) if val_set is not None and history else {}
+    results |= {"test_acc": last.get("test_acc"), "val_acc": last.get("val_acc"), "best_val_acc": best_val.get("val_acc"),
+                "best_val_epoch": best_val.get("epoch"), "peak_memory_mib": peak and peak / 2**20,
+                "images_per_second": train_images / max(train_time, 1e-9), "epochs": epoch, "steps": step,
+                "wall_time_s": time.perf_counter() - run_start, **run_info(args, net, device, optimizers)}
+    if rank == 0:
         write_json(os.path.join(out, "results.json"), results)
-    print(f"done: test acc {results['test_acc']:.2f}% (best {best_acc:.2f}%) | peak memory "
-          f"{results['peak_memory_mib'] or float('nan'):.0f} MiB | {results['images_per_second']:.0f} img/s | {out}/results.json")
+    print(f"done: test acc {results['test_acc']:.2f}%" + (f", val acc {results['val_acc']:.2f}%" if val_set is not None else "")
+          + f" | peak memory {results['peak_memory_mib'] or float('nan'):.0f} MiB | {results['images_per_second']:.0f} img/s"
+          f" | {out}/results.json")
     return results
 
 
@@ -1093,7 +1167,9 @@ def parse_args(argv=None):
     a("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on biases, norms, position tables) (default %(default)s)")
     a("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy losses (default %(default)s)")
     a("--clip-grad", type=float, default=5.0, help="gradient norm clipping, per module (default %(default)s)")
-    a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loading processes (default %(default)s)")
+    a("--val-split", type=float, default=0.0, help="fraction of the training set held out to choose settings on (default %(default)s)")
+    a("--crop-scale", type=float, default=0.35, help="smallest area fraction a random resized crop keeps (default %(default)s)")
+    a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes that decode an imagefolder, once (default %(default)s)")
     a("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision (fp16 on CUDA only) (default %(default)s)")
     a("--device", help="cuda, cuda:1, cpu, ... (default: cuda when present)")
     a("--devices", help="one device per module, e.g. cuda:0,cuda:1,cuda:2,cuda:3: module i runs on the i-th (overrides --device)")
@@ -1129,6 +1205,8 @@ def run(args):
     for flag in ("temperature", "clip_grad"):
         if not getattr(args, flag) > 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
+    if not 0 < args.crop_scale <= 1:
+        raise ConfigError(f"--crop-scale {args.crop_scale}: must be in (0, 1]")
     if args.resume and args.measure_memory:
         raise ConfigError("--resume and --measure-memory do not go together")
     try:
@@ -1156,7 +1234,8 @@ def run(args):
     ends = resolve_split("paper" if args.split == "balanced" else args.split, args.k, [len(s) for s in backbone.stages])
     lambdas = lambda_mu_schedule(len(ends), args.lambdas, args.mus)[0]
     if not args.measure_memory:
-        train_set, test_set = make_datasets(args.dataset, args.data_dir, args.img_size, download=not args.no_download)
+        train_set, test_set = make_datasets(args.dataset, args.data_dir, args.img_size, not args.no_download, args.workers)
+        train_set, val_set = validation_split(train_set, args.val_split)
         if len(train_set) < args.batch_size * world:
             raise ConfigError(f"--batch-size {args.batch_size} x {world} processes is more than the {len(train_set)} training images")
     args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.arch}-k{len(ends) + 1}-{args.method}")
@@ -1186,20 +1265,13 @@ def run(args):
         print(f"data parallel: {world} processes x batch {args.batch_size} = global batch {args.batch_size * world}, "
               f"lr {lr:.2e}; the contrastive loss and BatchNorm see each process's own batch")
 
-    # --- data loaders, optimizers; then measure, or train
-    if not args.measure_memory:
-        loader = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda",
-                      persistent_workers=args.workers > 0)
-        sampler = torch.utils.data.DistributedSampler(train_set, seed=args.seed, drop_last=True) if world > 1 else None
-        train_loader = torch.utils.data.DataLoader(train_set, shuffle=sampler is None, sampler=sampler, drop_last=True,
-                                                   generator=torch.Generator(), **loader)
-        test_loader = torch.utils.data.DataLoader(test_set, **loader)  # every process tests on the whole set
-    steps_per_epoch = 10 if args.measure_memory else len(train_loader)
+    # --- optimizers; then measure, or train
+    steps_per_epoch = 10 if args.measure_memory else len(train_set) // (args.batch_size * world)
     optimizers, schedulers = make_optimizers(net, lr=lr, weight_decay=args.weight_decay,
                                              total_steps=args.epochs * steps_per_epoch, warmup_steps=args.warmup_epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     if not args.measure_memory:
-        train(args, net, optimizers, schedulers, scaler, train_loader, test_loader, device, amp_dtype)
+        train(args, net, optimizers, schedulers, scaler, (train_set, val_set, test_set), device, amp_dtype)
         return 0
     figures = measure_memory(net, optimizers, batch_size=args.batch_size, num_classes=num_classes, device=device,
                              steps=args.max_steps or 3, clip_grad=args.clip_grad, amp_dtype=amp_dtype, scaler=scaler)

@@ -42,7 +42,41 @@ for n, r in rows.items():
 EOF
 }
 
+summary() {  # summary DIR...: per-epoch curves side by side, then mean and spread per row (runs NAME-sSEED make one row)
+  "$py" - "$@" <<'EOF'
+import json, os, re, statistics, sys
+dirs = []
+for d in sys.argv[1:]:  # a run folder, or a folder of run folders
+    dirs += [d] if os.path.exists(f"{d}/log.jsonl") else sorted(f"{d}/{s}" for s in os.listdir(d) if os.path.exists(f"{d}/{s}/log.jsonl"))
+if not dirs:
+    sys.exit("summary: no run folders (with log.jsonl) in " + " ".join(sys.argv[1:]))
+logs = {os.path.basename(d): [json.loads(line) for line in open(f"{d}/log.jsonl")] for d in dirs}
+split = "val" if all("val_acc" in r for log in logs.values() for r in log) else "test"
+print(f"{split} accuracy (%) per epoch\n| epoch | " + " | ".join(logs) + " |\n" + "|---" * (len(logs) + 1) + "|")
+for e in range(max(len(log) for log in logs.values())):
+    print(f"| {e + 1} | " + " | ".join(f"{log[e][split + '_acc']:.2f}" if e < len(log) else "" for log in logs.values()) + " |")
+rows = {}
+for d in dirs:
+    if os.path.exists(f"{d}/results.json"):  # a finished run
+        rows.setdefault(re.sub(r"-s\d+$", "", os.path.basename(d)), []).append(json.load(open(f"{d}/results.json")))
+def mean_sd(values):
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0:.2f}"
+e2e = statistics.mean(r["test_acc"] for r in rows["e2e"]) if "e2e" in rows else None
+print("\n| row | seeds | epochs | test acc % (mean ± sd) | gap to e2e | val acc % | peak MiB | minutes per run | img/s |\n"
+      + "|---" * 9 + "|")
+for name, runs in rows.items():
+    test, val = [r["test_acc"] for r in runs], [r["val_acc"] for r in runs if r.get("val_acc") is not None]
+    print(f"| {name} | {len(runs)} | {runs[0]['epochs']} | {mean_sd(test)} | "
+          + (f"{statistics.mean(test) - e2e:+.2f}" if e2e is not None else "") + f" | {mean_sd(val) if val else ''} | "
+          f"{max(r['peak_memory_mib'] or 0 for r in runs):.0f} | {statistics.mean(r['wall_time_s'] for r in runs) / 60:.1f} | "
+          f"{statistics.mean(r['images_per_second'] for r in runs):.0f} |")
+EOF
+}
+
 case "$group" in
+summary)
+  summary "${extra[@]}"
+  ;;
 smoke)
   tiny=(--dataset synthetic --img-size 32 --patch-size 2 --window-size 4 --embed-dim 32 --depths 2,2,2,2
         --heads 1,2,4,8 --epochs 3 --warmup-epochs 1 --batch-size 64 --lr 2e-3 --workers 0 --log-every 8)

@@ -394,7 +394,7 @@ def test_cli_trains_on_synthetic_for_every_method(method, k, tmp_path, capsys):
     assert [r["epoch"] for r in log] == [1, 2] and all(len(r["train_loss"]) == k for r in log)
     assert results["epochs"] == 2 and results["k"] == k and results["config"]["method"] == method
     assert results["test_acc"] == log[-1]["test_acc"] > 30  # 10 classes: chance is 10%
-    assert results["best_test_acc"] >= results["test_acc"]
+    assert results["val_acc"] is None and "val_acc" not in log[0]  # no --val-split: no validation
     assert results["peak_memory_mib"] > 0 and results["images_per_second"] > 0
     assert (tmp_path / "last.pt").exists()
     assert "img/s" in cap.out and "ETA" in cap.out and "test acc" in cap.out
@@ -419,6 +419,93 @@ def test_cli_imagefolder_of_pngs(method, tmp_path, capsys):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["config"]["dataset"] == "imagefolder" and results["config"]["method"] == method
     assert results["test_acc"] is not None
+
+
+def test_validation_split_is_fixed_disjoint_and_reported(tmp_path, capsys):
+    data = L.ImageSet(torch.zeros(100, 1, 4, 4, dtype=torch.uint8), torch.arange(100))
+    train, val = L.validation_split(data, 0.1)
+    again, val_again = L.validation_split(data, 0.1)
+    assert len(val) == 10 and len(train) == 90 and torch.equal(val.labels, val_again.labels)
+    assert set(val.labels.tolist()).isdisjoint(train.labels.tolist())
+    assert set(val.labels.tolist()) | set(train.labels.tolist()) == set(range(100))
+    assert not torch.equal(val.labels, L.validation_split(data, 0.1, seed=1)[1].labels)
+    assert L.validation_split(data, 0.0)[1] is None and len(L.validation_split(data, 0.0)[0]) == 100
+    code, cap = run_cli(["--k", "2", "--epochs", "2", "--val-split", "0.25"], tmp_path, capsys)
+    assert code == 0, cap.err
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert all(r["steps"] == 768 // 64 for r in log)  # 1024 synthetic images, a quarter held out
+    assert results["best_val_acc"] == max(r["val_acc"] for r in log) and results["val_acc"] == log[-1]["val_acc"]
+    assert results["best_val_epoch"] in (1, 2) and "val loss" in cap.out and "best_test_acc" not in results
+
+
+def write_idx(path, array):
+    """A file in the IDX format of the MNIST files: magic (0, 0, dtype 0x08 = uint8, ndim), sizes, bytes."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + array.numpy().tobytes())
+
+
+@pytest.mark.parametrize("name,folder", [("fashion-mnist", "FashionMNIST"), ("mnist", "MNIST")])
+def test_mnist_format_files_are_read_and_trained_on(name, folder, tmp_path, capsys):
+    raw = tmp_path / "data" / folder / "raw"
+    raw.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", 96), ("t10k", 32)):
+        labels = torch.arange(n) % 10
+        images = (torch.rand(n, 28, 28, generator=gen) * 60).to(torch.uint8)
+        images[:, 2:26, 2:26] += (labels * 19).to(torch.uint8)[:, None, None]  # a class is a brightness
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels.to(torch.uint8))
+    train, test = L.make_datasets(name, str(tmp_path / "data"), 32, download=False)
+    assert train.images.shape == (96, 1, 28, 28) and test.images.shape == (32, 1, 28, 28)
+    assert torch.equal(train.labels, torch.arange(96) % 10)
+    code, cap = run_cli(["--dataset", name, "--data-dir", str(tmp_path / "data"), "--no-download", "--batch-size", "16",
+                         "--epochs", "1", "--k", "2", "--val-split", "0.25"], tmp_path / "out", capsys)
+    assert code == 0, cap.err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["steps"] == 72 // 16 and results["test_acc"] is not None
+    code, cap = run_cli(["--dataset", name, "--data-dir", str(tmp_path / "nowhere"), "--no-download"], tmp_path / "out2", capsys)
+    assert code == 2 and f"{tmp_path / 'nowhere' / folder / 'raw'}" in cap.err and "train-images-idx3-ubyte" in cap.err
+
+
+def test_batch_augmentation_crops_resizes_and_flips():
+    size, n = 24, 256
+    ramp = torch.linspace(0, 1, 48)
+    images = torch.stack([ramp.expand(48, 48), ramp[:, None].expand(48, 48)])[None].expand(n, 2, 48, 48)  # x and y
+    out = L.random_resized_crop(images, size, 0.35, torch.Generator().manual_seed(0))
+    assert out.shape == (n, 2, size, size)
+    assert torch.equal(out, L.random_resized_crop(images, size, 0.35, torch.Generator().manual_seed(0)))
+    x, y = out[:, 0], out[:, 1]
+    width = (x[:, :, -1] - x[:, :, 0]).mean(1).abs() * 47 / 48 * size / (size - 1)  # the crop's share of the image side
+    height = (y[:, -1, :] - y[:, 0, :]).mean(1) * 47 / 48 * size / (size - 1)
+    area = width * height
+    assert area.min() > 0.35 - 0.03 and area.max() < 1 + 0.03 and area.max() > 0.9 and area.min() < 0.45
+    assert ((width / height > 3 / 4 - 0.03) & (width / height < 4 / 3 + 0.03)).float().mean() > 0.8  # unless clamped
+    flipped = (x[:, :, -1] < x[:, :, 0]).all(1)
+    assert 0.35 < flipped.float().mean() < 0.65
+    assert (x.amin((1, 2)) > -0.01).all() and (x.amax((1, 2)) < 1.01).all()  # inside the image
+    gray = (torch.rand(4, 1, 28, 28) * 255).to(torch.uint8)
+    test_input = L.prepare_batch(gray, 28)  # testing: same size, no augmentation
+    std, mean = (torch.tensor(v).view(1, 3, 1, 1) for v in (L.IMAGENET_STD, L.IMAGENET_MEAN))
+    assert torch.allclose(test_input * std + mean, gray.float().div(255).expand(-1, 3, -1, -1), atol=1e-6)
+    assert L.prepare_batch(gray, 32).shape == (4, 3, 32, 32)
+    assert L.prepare_batch(gray, 32, torch.Generator().manual_seed(0)).shape == (4, 3, 32, 32)
+
+
+def test_summary_prints_curves_and_rows(tmp_path):
+    for name, accs in (("e2e-s0", [60.0, 80.0]), ("e2e-s1", [62.0, 84.0]), ("ours-s0", [50.0, 78.0])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps({"epoch": e + 1, "val_acc": a, "test_acc": a - 1}) + "\n"
+                                                           for e, a in enumerate(accs)))
+        (tmp_path / name / "results.json").write_text(json.dumps({
+            "test_acc": accs[-1] - 1, "val_acc": accs[-1], "epochs": 2, "peak_memory_mib": 100.0, "wall_time_s": 120.0,
+            "images_per_second": 500.0}))
+    done = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "summary", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "| 2 | 80.00 | 84.00 | 78.00 |" in lines
+    assert "| e2e | 2 | 2 | 81.00 ± 2.83 | +0.00 | 82.00 ± 2.83 | 100 | 2.0 | 500 |" in lines
+    assert "| ours | 1 | 2 | 77.00 ± 0.00 | -4.00 | 78.00 ± 0.00 | 100 | 2.0 | 500 |" in lines
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, capsys):
@@ -537,7 +624,9 @@ def make_corrupt_checkpoint(out):
 
 
 BAD_INPUTS = [
-    (["--dataset", "mnist"], "unknown --dataset"),
+    (["--dataset", "emnist"], "unknown --dataset"),
+    (["--val-split", "1.0"], "--val-split"),
+    (["--crop-scale", "0"], "--crop-scale"),
     (["--arch", "swin-x"], "unknown --arch"),
     (["--dataset", "cifar10", "--data-dir", "{tmp}/nowhere", "--no-download"], "not found in {tmp}/nowhere"),
     (["--k", "0"], "between 1 and"),
