@@ -9,8 +9,8 @@ gradient crosses a module boundary, so a module's graph is freed as soon as its 
 been backpropagated: peak training memory is that of the largest module, not of the net.
 
 The file follows the paper: 3.1 Swin, 3.2-3.3 modules and split, 3.4 the auxiliary block,
-3.5 the losses, then the greedy training loop and the command line. "METHOD n" in a comment
-points at section n of METHOD.md, which decides every point the paper leaves open.
+3.5 the losses, then the greedy training loop and the command line. "design note n" in a
+comment points at the README's design notes, which decide every point the paper leaves open.
 
     python local_swin.py --dataset cifar10 --k 4
 """
@@ -44,7 +44,7 @@ class ConfigError(Exception):
 # Paper 3.1: the Swin Transformer backbone
 # ----------------------------------------------------------------------------------------
 
-# (embed_dim C, blocks per stage, heads per stage, stochastic depth rate); METHOD 2.
+# (embed_dim C, blocks per stage, heads per stage, stochastic depth rate); design note 2.
 ARCHS = {
     "swin-t": (96, (2, 2, 6, 2), (3, 6, 12, 24), 0.2),
     "swin-s": (96, (2, 2, 18, 2), (3, 6, 12, 24), 0.3),
@@ -225,7 +225,7 @@ class SwinTransformer(nn.Module):
 
 def build_model(arch, num_classes, img_size=224, **overrides):
     """Our SwinTransformer for `arch` (a key of ARCHS); overrides: patch_size, window_size,
-    embed_dim, depths, heads, drop_path. The window is 7, or 12 at 384 px (METHOD 2)."""
+    embed_dim, depths, heads, drop_path. The window is 7, or 12 at 384 px (design note 2)."""
     if arch not in ARCHS:
         raise ConfigError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
     embed_dim, depths, heads, drop_path = ARCHS[arch]
@@ -311,7 +311,7 @@ def resolve_split(split, k, depths):
     if not 1 <= k <= n:
         raise ConfigError(f"--k {k}: must be between 1 and the number of blocks, {n}")
     if tuple(depths) == (2, 2, 6, 2) and k in (2, 4):
-        # METHOD 3: the paper's Swin-T splits, by stage: K=4 one stage per module, K=2 stage 1 | 2-4.
+        # design note 3: the paper's Swin-T splits, by stage: K=4 one stage per module, K=2 stage 1 | 2-4.
         return (2, 4, 10) if k == 4 else (2,)
     sizes = [n // k + (i < n % k) for i in range(k)]  # K contiguous runs of nearly equal length
     return tuple(sum(sizes[:i + 1]) for i in range(k - 1))
@@ -365,7 +365,7 @@ DECODERS = ("interp", "deconv", "deconv4")
 def make_decoder(kind, in_ch, out_ch, upscale, width=16):
     """Reconstruction head: (B, in_ch, h, w) -> logits (B, out_ch, h*upscale, w*upscale).
 
-    The exact layers are our choice (METHOD 4). `width` is kept narrow (InfoPro uses 12-32)
+    The exact layers are our choice (design note 4). `width` is kept narrow (InfoPro uses 12-32)
     because the decoder runs at the target's resolution, where every channel is costly.
     """
     if kind == "interp":
@@ -435,7 +435,7 @@ def reconstruction_bce(logits, target):
 
 
 def lambda_mu_schedule(num_aux, lambdas=None, mus=None):
-    """Weights of eq. 2 for modules 1..K-1 (METHOD 5): linear from (3.0, 1.0) at module 1 to
+    """Weights of eq. 2 for modules 1..K-1 (design note 5): linear from (3.0, 1.0) at module 1 to
     (0.0, 4.0) at module K-1; a single auxiliary module gets (3.0, 1.0)."""
     steps = [i / (num_aux - 1) if num_aux > 1 else 0.0 for i in range(num_aux)]
     lambdas = [3.0 - 3.0 * t for t in steps] if lambdas is None else list(lambdas)
@@ -453,7 +453,7 @@ METHODS = ("ours", "infopro", "greedy-ce", "greedy-contrast")
 class LocalSwin(nn.Module):
     """The backbone cut into K modules, with an auxiliary head for each module but the last.
 
-    `method` (METHOD 5): ours (reconstruct x_{i-1} + contrast), infopro (reconstruct the
+    `method` (design note 5): ours (reconstruct x_{i-1} + contrast), infopro (reconstruct the
     image + contrast), greedy-ce (pool + linear classifier), greedy-contrast (contrast only).
     """
 
@@ -558,7 +558,7 @@ class LocalStep(nn.Module):
 
 
 def train_step(net, optimizers, images, labels, *, clip_grad=5.0, amp_dtype=None, scaler=None):
-    """One training step. Module i runs on the detached x_{i-1}, its local loss is
+    """One training step (design note 1). Module i runs on the detached x_{i-1}, its local loss is
     backpropagated and its optimizer steps before module i+1 starts, so only one module's
     graph is ever alive. (Summing the K losses into one backward would give the same
     gradients but keep every graph alive: none of the memory saving.) Returns the K losses."""
@@ -923,7 +923,7 @@ def make_datasets(name, root, img_size, download=True, workers=0):
 
 def validation_split(train, fraction, seed=0):
     """(train, val): a fixed random `fraction` of the training set held out for choosing
-    settings. The split depends on `seed` alone, not on --seed: every run is judged on the same images."""
+    settings (design note 7). It depends on `seed` alone, not on --seed: every run is judged on the same images."""
     if not 0 <= fraction < 1:
         raise ConfigError(f"--val-split {fraction}: must be in [0, 1)")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
@@ -1153,7 +1153,7 @@ def parse_args(argv=None):
     a("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (swin-t/s/b at 224 px), classifier new")
     a("--drop-path", type=float, help="stochastic depth rate of the last block (default: the arch's)")
     a("--k", type=int, help="number of gradient-isolated modules K (default 4; 1 is end-to-end training)")
-    a("--split", default="paper", help="'paper' (METHOD 3), 'balanced' (measured: the largest module as small as possible) or the blocks "
+    a("--split", default="paper", help="'paper' (design note 3), 'balanced' (measured: the largest module as small as possible) or the blocks "
       "(numbered from 1) after which modules 1..K-1 end, e.g. 2,4,10 (default %(default)s)")
     a("--method", default="ours", help=f"one of {', '.join(METHODS)} (default %(default)s)")
     a("--decoder", default="interp", help="reconstruction decoder: interp, deconv or deconv4 (default %(default)s)")

@@ -2,6 +2,9 @@
 # The paper's experiments, one command per table row, grouped: `bash run.sh GROUP`.
 #
 #   smoke     a tiny model on the synthetic data set; about a minute on a CPU
+#   cpu-table the method against E2E and the baselines on Fashion-MNIST, on a CPU (ROWS, SEEDS, EPOCHS pick a part)
+#   cpu-speed training images/s of that setting, this code against the previous data path; Swin-T vs torchvision
+#   summary   DIR...: per-epoch accuracy of several runs side by side, then mean and spread per row
 #   memory    peak training memory and step time, Swin-T 224 px (the paper's memory claim), as a table
 #   table3    Swin-T, K=4, from scratch: InfoPro-Transformer, ours, E2E on STL-10, CIFAR-10, CIFAR-100
 #   decoders  the three decoder structures (interp, deconv, deconv4), Swin-T, K=4
@@ -73,6 +76,10 @@ for name, runs in rows.items():
 EOF
 }
 
+# The small setting: a Swin with 4 x 4 patches of 32 px images (8 x 8 tokens, then 4, 2, 1), 2 blocks per stage.
+small=(--dataset fashion-mnist --img-size 32 --patch-size 4 --window-size 4 --embed-dim 48 --depths 2,2,2,2
+       --heads 3,6,12,24 --drop-path 0.1 --batch-size 128 --lr 1e-3 --warmup-epochs 1 --crop-scale "${CROP_SCALE:-0.35}")
+
 case "$group" in
 summary)
   summary "${extra[@]}"
@@ -82,6 +89,67 @@ smoke)
         --heads 1,2,4,8 --epochs 3 --warmup-epochs 1 --batch-size 64 --lr 2e-3 --workers 0 --log-every 8)
   row e2e "${tiny[@]}" --k 1
   row ours-k4 "${tiny[@]}" --k 4
+  ;;
+cpu-table)
+  # The comparison on real data, on a CPU (README, "Does it learn?"): Fashion-MNIST, the small Swin,
+  # the same recipe and epochs for every row. ROWS and SEEDS pick the part to run, e.g.
+  # `ROWS="e2e ours-k4" SEEDS="1 2" bash run.sh cpu-table`; a finished run is skipped, never redone.
+  declare -A rows=([e2e]="--k 1" [ours-k2]="--k 2" [ours-k4]="--k 4" [infopro-k4]="--k 4 --method infopro"
+                   [greedy-ce-k4]="--k 4 --method greedy-ce" [greedy-contrast-k4]="--k 4 --method greedy-contrast"
+                   [ours-k4-deconv]="--k 4 --decoder deconv" [ours-k4-deconv4]="--k 4 --decoder deconv4")
+  for name in ${ROWS:-e2e ours-k4 infopro-k4 greedy-ce-k4 greedy-contrast-k4 ours-k2 ours-k4-deconv ours-k4-deconv4}; do
+    [[ -n "${rows[$name]:-}" ]] || { echo "cpu-table: no row $name; rows: ${!rows[*]}"; exit 2; }
+    seeds=${SEEDS:-0 1 2}
+    [[ $name == *deconv* ]] && seeds=${SEEDS:-0}  # the decoder rows: one seed each
+    for seed in $seeds; do
+      if [[ -f runs/$group/$name-s$seed/results.json ]]; then echo "== $group/$name-s$seed: done"; continue; fi
+      row "$name-s$seed" "${small[@]}" --epochs "${EPOCHS:-12}" --val-split 0.1 --seed "$seed" ${rows[$name]}
+    done
+  done
+  summary "runs/$group"
+  ;;
+cpu-speed)
+  # 1. Training images/s of the small setting at K=4, one run after the other on the same machine: this code
+  #    (the data set in memory, augmented a batch at a time), and the code before it (commit e35a045: the same
+  #    images as PNGs through an ImageFolder, decoded and augmented one by one in worker processes).
+  png=runs/$group/fashion-mnist-png
+  "$py" - "$png" <<'EOF'
+import os, sys
+from torchvision import datasets
+for split, train, n in (("train", True, 10000), ("val", False, 2000)):
+    data = datasets.FashionMNIST("data", train=train)
+    for i in range(n):
+        folder = f"{sys.argv[1]}/{split}/{int(data.targets[i])}"
+        os.makedirs(folder, exist_ok=True)
+        data[i][0].save(f"{folder}/{i}.png")
+EOF
+  git show e35a045:local_swin.py > "runs/$group/previous_local_swin.py"
+  speed=("${small[@]}" --k 4 --epochs 1 --max-steps 60 --log-every 20)
+  echo "== $group/previous-imagefolder: previous_local_swin.py --dataset imagefolder"
+  "$py" "runs/$group/previous_local_swin.py" "${speed[@]}" --dataset imagefolder --data-dir "$png" --out "runs/$group/previous-imagefolder"
+  row in-memory "${speed[@]}"
+  row in-memory-bf16 "${speed[@]}" --amp bf16
+  # 2. An end-to-end training step of Swin-T at 224 px, batch 8: ours against torchvision's swin_t.
+  "$py" - <<'EOF'
+import time, torch, torchvision, local_swin as L
+torch.manual_seed(0)
+images, labels = torch.randn(8, 3, 224, 224), torch.randint(1000, (8,))
+models = {"ours": L.build_model("swin-t", 1000), "torchvision swin_t": torchvision.models.swin_t()}
+optimizers = {name: torch.optim.AdamW(m.parameters()) for name, m in models.items()}
+times = {name: [] for name in models}
+for _ in range(6):  # alternate, so that both see the same state of the machine; the first round warms up
+    for name, model in models.items():
+        start = time.perf_counter()
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        optimizers[name].step()
+        optimizers[name].zero_grad()
+        times[name].append(time.perf_counter() - start)
+for name, t in times.items():
+    print(f"Swin-T 224 px, batch 8, one training step: {name} {sorted(t[1:])[2]:.2f} s (median of 5)")
+EOF
+  for r in previous-imagefolder in-memory in-memory-bf16; do
+    "$py" -c "import json; r = json.load(open('runs/$group/$r/results.json')); print('$r', round(r['images_per_second']), 'img/s')"
+  done
   ;;
 memory)
   m=(--measure-memory --arch swin-t --img-size 224 --batch-size "${MEMORY_BATCH:-32}" --max-steps 5)
