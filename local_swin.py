@@ -105,7 +105,8 @@ class WindowAttention(nn.Module):
             x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
         windows = rearrange(x, "b (nh wh) (nw ww) c -> b (nh nw) (wh ww) c", wh=self.window, ww=self.window)
         # Windows and heads share one batch axis so that SDPA sees 4-D tensors (fused kernels need them).
-        q, k, v = rearrange(self.qkv(windows), "b w n (three h d) -> three b (w h) n d", three=3, h=self.heads)
+        # chunk, not a "three" axis unbound: its backward is one cat, measurably faster on a CPU.
+        q, k, v = (rearrange(t, "b w n (h d) -> b (w h) n d", h=self.heads) for t in self.qkv(windows).chunk(3, dim=-1))
         bias = rearrange(self.relative_position_bias_table[self.relative_position_index], "n m h -> h n m")
         attn_mask = rearrange(self.mask[:, None] + bias[None], "w h n m -> 1 (w h) n m")  # broadcast over b
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype))  # scale 1/sqrt(d)
