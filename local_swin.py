@@ -33,7 +33,9 @@ from einops import rearrange
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision import datasets
 from torchvision.ops import StochasticDepth
+from torchvision.transforms import v2
 
 
 class ConfigError(Exception):
@@ -842,19 +844,15 @@ def synthetic_images(train, num_classes=10, size=32):
     return ImageSet((noisy.clamp(0, 1) * 255).to(torch.uint8), labels)
 
 
-def torchvision_sets():
-    from torchvision import datasets
-    return {  # name: (class, train kwargs, test kwargs, classes)
-        "cifar10": (datasets.CIFAR10, {"train": True}, {"train": False}, 10),
-        "cifar100": (datasets.CIFAR100, {"train": True}, {"train": False}, 100),
-        "stl10": (datasets.STL10, {"split": "train"}, {"split": "test"}, 10),  # the unlabelled split is unused
-        "svhn": (datasets.SVHN, {"split": "train"}, {"split": "test"}, 10),
-        "mnist": (datasets.MNIST, {"train": True}, {"train": False}, 10),
-        "fashion-mnist": (datasets.FashionMNIST, {"train": True}, {"train": False}, 10),
-    }
-
-
-DATASETS = ("cifar10", "cifar100", "stl10", "svhn", "mnist", "fashion-mnist", "imagefolder", "synthetic")
+TORCHVISION_SETS = {  # name: (class, train kwargs, test kwargs, classes)
+    "cifar10": (datasets.CIFAR10, {"train": True}, {"train": False}, 10),
+    "cifar100": (datasets.CIFAR100, {"train": True}, {"train": False}, 100),
+    "stl10": (datasets.STL10, {"split": "train"}, {"split": "test"}, 10),  # the unlabelled split is unused
+    "svhn": (datasets.SVHN, {"split": "train"}, {"split": "test"}, 10),
+    "mnist": (datasets.MNIST, {"train": True}, {"train": False}, 10),
+    "fashion-mnist": (datasets.FashionMNIST, {"train": True}, {"train": False}, 10),
+}
+DATASETS = (*TORCHVISION_SETS, "imagefolder", "synthetic")
 
 
 def as_image_set(dataset):
@@ -879,8 +877,6 @@ def imagefolder_dirs(root):
 def decode_folder(folder, img_size, workers):
     """An ImageFolder decoded once, in `workers` processes, resized to img_size (our choice: a
     folder of large images would not fit in memory at full size) and converted to RGB."""
-    from torchvision import datasets
-    from torchvision.transforms import v2
     dataset = datasets.ImageFolder(folder, v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True)]))
     print(f"decoding {len(dataset)} images in {folder} once, at {img_size} x {img_size}", flush=True)
     parts = list(torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers))
@@ -896,7 +892,7 @@ def count_classes(name, root):
     if name == "imagefolder":
         train_dir = imagefolder_dirs(root)[0]
         return sum(os.path.isdir(os.path.join(train_dir, d)) for d in os.listdir(train_dir))
-    return torchvision_sets()[name][3]
+    return TORCHVISION_SETS[name][3]
 
 
 def make_datasets(name, root, img_size, download=True, workers=0):
@@ -908,7 +904,7 @@ def make_datasets(name, root, img_size, download=True, workers=0):
         if classes != test_classes:
             raise ConfigError(f"{' and '.join(imagefolder_dirs(root))} hold different class folders")
         return train, test
-    cls, train_kw, test_kw, _ = torchvision_sets()[name]
+    cls, train_kw, test_kw, _ = TORCHVISION_SETS[name]
     where = os.path.abspath(root)
     try:
         return tuple(as_image_set(cls(root, download=download, **kw)) for kw in (train_kw, test_kw))
