@@ -94,7 +94,8 @@ smoke)
 cpu-table)
   # The comparison on real data, on a CPU (README, "Does it learn?"): Fashion-MNIST, the small Swin,
   # the same recipe and epochs for every row. ROWS and SEEDS pick the part to run, e.g.
-  # `ROWS="e2e ours-k4" SEEDS="1 2" bash run.sh cpu-table`; a finished run is skipped, never redone.
+  # `ROWS="e2e ours-k4" SEEDS="1 2" bash run.sh cpu-table`; a finished run is skipped, never redone, and
+  # one cut short resumes from its last finished epoch.
   declare -A rows=([e2e]="--k 1" [ours-k2]="--k 2" [ours-k4]="--k 4" [infopro-k4]="--k 4 --method infopro"
                    [greedy-ce-k4]="--k 4 --method greedy-ce" [greedy-contrast-k4]="--k 4 --method greedy-contrast"
                    [ours-k4-deconv]="--k 4 --decoder deconv" [ours-k4-deconv4]="--k 4 --decoder deconv4")
@@ -103,9 +104,12 @@ cpu-table)
     seeds=${SEEDS:-0 1 2}
     [[ $name == *deconv* ]] && seeds=${SEEDS:-0}  # the decoder rows: one seed each
     for seed in $seeds; do
-      if [[ -f runs/$group/$name-s$seed/results.json ]]; then echo "== $group/$name-s$seed: done"; continue; fi
+      out=runs/$group/$name-s$seed
+      if [[ -f $out/results.json ]]; then echo "== $group/$name-s$seed: done"; continue; fi
+      resume=()
+      [[ -f $out/last.pt ]] && resume=(--resume)  # a run cut short (end of a session) continues from its last epoch
       row "$name-s$seed" "${small[@]}" --epochs "${EPOCHS:-10}" --crop-scale 0.8 --val-split 0.1 --seed "$seed" \
-        ${rows[$name]}
+        ${rows[$name]} "${resume[@]}"
     done
   done
   summary "runs/$group"
