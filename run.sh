@@ -5,7 +5,7 @@
 #   cpu-table the method against E2E and the baselines on Fashion-MNIST, on a CPU (ROWS, SEEDS, EPOCHS pick a part)
 #   cpu-speed training images/s of that setting, this code against the previous data path; Swin-T vs torchvision
 #   summary   DIR...: per-epoch accuracy of several runs side by side, then mean and spread per row
-#   probe     RUN...: linear-probe accuracy of each module's output x_1..x_K on the validation split
+#   probe     RUN...: linear-probe accuracy of each stage's output on the validation split
 #   memory    peak training memory and step time, Swin-T 224 px (the paper's memory claim), as a table
 #   table3    Swin-T, K=4, from scratch: InfoPro-Transformer, ours, E2E on STL-10, CIFAR-10, CIFAR-100
 #   decoders  the three decoder structures (interp, deconv, deconv4), Swin-T, K=4
@@ -158,36 +158,35 @@ EOF
   done
   ;;
 probe)
-  # Linear probes of a finished run's modules: how well a linear classifier on the pooled x_1..x_K (the
-  # last module without its head) separates the classes of the validation split. Fitted on 10,000
-  # training images. `bash run.sh probe runs/cpu-table/ours-k4-s0 ...`
+  # Linear probes of finished runs: how well a linear classifier on each stage's pooled output separates
+  # the classes of the validation split (fitted on 10,000 training images), the same stages for every
+  # run whatever its K. `bash run.sh probe runs/cpu-table/e2e-s0 runs/cpu-table/ours-k4-s0`
   "$py" - "${extra[@]}" <<'EOF'
 import json, sys, torch, local_swin as L
 for run in sys.argv[1:]:
-    r = json.load(open(f"{run}/results.json"))
-    c = r["config"]
+    c = json.load(open(f"{run}/results.json"))["config"]
     classes = L.count_classes(c["dataset"], c["data_dir"])
-    backbone = L.build_model(c["arch"], classes, c["img_size"], patch_size=c["patch_size"],
-                             window_size=c["window_size"], embed_dim=c["embed_dim"], depths=c["depths"], heads=c["heads"])
-    net = L.LocalSwin(backbone, r["split"], method=c["method"], decoder=c["decoder"], lambdas=r["lambdas"], mus=r["mus"])
-    net.load_state_dict(torch.load(f"{run}/last.pt", weights_only=True)["net"])
-    net.eval()
+    backbone = L.build_model(c["arch"], classes, c["img_size"], patch_size=c["patch_size"], window_size=c["window_size"],
+                             embed_dim=c["embed_dim"], depths=c["depths"], heads=c["heads"])
+    state = torch.load(f"{run}/last.pt", weights_only=True)["net"]
+    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
+    backbone.eval()
     train, val = L.validation_split(L.make_datasets(c["dataset"], c["data_dir"], c["img_size"], download=False)[0], c["val_split"])
     @torch.no_grad()
-    def pooled(data):  # (N, channels) per module
-        out = [[] for _ in net.specs]
+    def pooled(data):  # (N, channels) for each stage, before its patch merging
+        out = [[] for _ in backbone.stages]
         for start in range(0, len(data), 500):
-            x = net.backbone.patch_embed(L.prepare_batch(data.images[start:start + 500], c["img_size"]))
-            for i, spec in enumerate(net.specs):
-                x = (spec.layers if i < len(net.specs) - 1 else spec.layers[:-1])(x)  # the head is not a feature
-                out[i].append(x.mean(dim=(1, 2)))
+            x = backbone.patch_embed(L.prepare_batch(data.images[start:start + 500], c["img_size"]))
+            for s, stage in enumerate(backbone.stages):
+                x = stage(x)
+                out[s].append(x.mean(dim=(1, 2)))
+                x = backbone.merges[s](x) if s < len(backbone.merges) else x
         return [torch.cat(f) for f in out]
     n = min(10000, len(train))
-    fit, score = pooled(train.subset(torch.arange(n))), pooled(val)
     accs = []
-    for f, s in zip(fit, score):
+    for f, v in zip(pooled(train.subset(torch.arange(n))), pooled(val)):
         mean, std = f.mean(0), f.std(0) + 1e-6
-        f, s = (f - mean) / std, (s - mean) / std
+        f, v = (f - mean) / std, (v - mean) / std
         probe = torch.nn.Linear(f.shape[1], classes)
         opt = torch.optim.LBFGS(probe.parameters(), max_iter=200, line_search_fn="strong_wolfe")
         def closure():
@@ -196,8 +195,8 @@ for run in sys.argv[1:]:
             loss.backward()
             return loss
         opt.step(closure)
-        accs.append(100 * (probe(s).argmax(1) == val.labels).float().mean().item())
-    print(f"{run}: linear probe, validation accuracy % of x_1..x_K: " + " ".join(f"{a:.2f}" for a in accs))
+        accs.append(100 * (probe(v).argmax(1) == val.labels).float().mean().item())
+    print(f"{run}: linear probe, validation accuracy % after stage 1..{len(accs)}: " + " ".join(f"{a:.2f}" for a in accs))
 EOF
   ;;
 memory)
