@@ -983,7 +983,8 @@ def format_duration(seconds):
 # Flags that do not change what is computed: a resumed run may change them. (--split is
 # checked through the module ends it resolves to: "balanced" and the list it chose are the same.)
 RUN_ONLY_FLAGS = {"resume", "max_steps", "workers", "device", "devices", "data_dir", "no_download", "log_every", "out",
-                  "split"}
+                  "split", "overwrite"}
+RUN_FILES = ("log.jsonl", "results.json", "last.pt")  # what a run writes into --out
 
 
 def train(args, net, optimizers, schedulers, scaler, data, device, amp_dtype):
@@ -1007,6 +1008,9 @@ def train(args, net, optimizers, schedulers, scaler, data, device, amp_dtype):
         if device.type == "cuda" and ckpt["cuda_rng"] is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
+        if start_epoch >= args.epochs:
+            print(f"{out}: this run has finished its {args.epochs} epochs; nothing to do")
+            return None
         print(f"resumed from {checkpoint_path} after epoch {start_epoch} (step {step})")
     log_path = os.path.join(out, "log.jsonl")
     if rank == 0:
@@ -1171,8 +1175,9 @@ def parse_args(argv=None):
     a("--device", help="cuda, cuda:1, cpu, ... (default: cuda when present)")
     a("--devices", help="one device per module, e.g. cuda:0,cuda:1,cuda:2,cuda:3: module i runs on the i-th (overrides --device)")
     a("--seed", type=int, default=0, help="random seed: the same seed gives the same run (default %(default)s)")
-    a("--out", help="output folder (default runs/DATASET-ARCH-kK-METHOD)")
+    a("--out", help="output folder (default runs/DATASET-ARCH-kK-METHOD, or runs/memory-ARCH-kK-METHOD-bBATCH)")
     a("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    a("--overwrite", action="store_true", help="replace the run in --out (without it, a folder that holds a run is refused)")
     a("--max-steps", type=int, help="stop after this many training steps in all (with --measure-memory: steps timed, default 3)")
     a("--log-every", type=int, default=50, help="print a progress line every this many steps (default %(default)s)")
     a("--measure-memory", action="store_true", help="measure peak training memory and step time on random tensors, then exit")
@@ -1204,8 +1209,8 @@ def run(args):
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
     if not 0 < args.crop_scale <= 1:
         raise ConfigError(f"--crop-scale {args.crop_scale}: must be in (0, 1]")
-    if args.resume and args.measure_memory:
-        raise ConfigError("--resume and --measure-memory do not go together")
+    if args.resume and (args.measure_memory or args.overwrite):
+        raise ConfigError(f"--resume and --{'measure-memory' if args.measure_memory else 'overwrite'} do not go together")
     try:
         devices = [torch.device(d) for d in args.devices.split(",")] if args.devices else None
         device = devices[0] if devices else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -1235,15 +1240,25 @@ def run(args):
         train_set, val_set = validation_split(train_set, args.val_split)
         if len(train_set) < args.batch_size * world:
             raise ConfigError(f"--batch-size {args.batch_size} x {world} processes is more than the {len(train_set)} training images")
-    args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.arch}-k{len(ends) + 1}-{args.method}")
+    if args.pretrained:  # ImageNet weights everywhere but the classifier, which is sized for this data set
+        shape = dict(zip(("embed_dim", "depths", "heads"), ARCHS[args.arch][:3]), patch_size=4, window_size=7, img_size=224)
+        if any(getattr(args, key) not in (None, value) for key, value in shape.items()):
+            raise ConfigError(f"--pretrained: torchvision's weights are for {args.arch} as published, at 224 px; "
+                              "drop --img-size, --patch-size, --window-size, --embed-dim, --depths and --heads")
+        load_torchvision_weights(backbone, pretrained_state_dict(args.arch), with_head=False)
+    name = f"{args.arch}-k{len(ends) + 1}-{args.method}"
+    args.out = args.out or os.path.join("runs", f"memory-{name}-b{args.batch_size}" if args.measure_memory else f"{args.dataset}-{name}")
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
+    if held and not (args.resume or args.overwrite):  # a user's results are never replaced unasked
+        raise ConfigError(f"--out {args.out} holds a run ({', '.join(held)}): --resume continues it, --overwrite replaces it")
     try:
         os.makedirs(args.out, exist_ok=True)
         if not os.access(args.out, os.W_OK):
             raise PermissionError("not writable")
     except OSError as e:
         raise ConfigError(f"--out {args.out}: cannot write there ({e.strerror or e})")
-    if args.pretrained:  # ImageNet weights everywhere but the classifier, which is sized for this data set
-        load_torchvision_weights(backbone, pretrained_state_dict(args.arch), with_head=False)
+    for f in held if args.overwrite else []:  # asked for explicitly; every check has passed
+        os.remove(os.path.join(args.out, f))
 
     # --- cut it into modules, place them, wrap them
     net_options = dict(method=args.method, decoder=args.decoder, temperature=args.temperature, label_smoothing=args.label_smoothing)

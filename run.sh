@@ -23,11 +23,14 @@ shift || true
 extra=("$@")
 py=${PYTHON:-python}
 
-row() {  # row NAME ARGS...: one training run, output in runs/GROUP/NAME
-  local name=$1
+row() {  # row NAME ARGS...: one run, output in runs/GROUP/NAME. A finished run is kept and skipped (delete its
+  # folder to run it again); one cut short (a session's end, a preemption) resumes from its last finished epoch.
+  local name=$1 out=runs/$group/$1 resume=()
   shift
-  echo "== $group/$name: local_swin.py $*"
-  "$py" local_swin.py --out "runs/$group/$name" "$@" "${extra[@]}"
+  if [[ -f $out/results.json ]]; then echo "== $group/$name: done, kept ($out)"; return; fi
+  [[ -f $out/last.pt ]] && resume=(--resume)
+  echo "== $group/$name: local_swin.py $* ${resume[*]}"
+  "$py" local_swin.py --out "$out" "$@" "${extra[@]}" "${resume[@]}"
 }
 
 memory_table() {  # print the runs of a memory group side by side, as ratios of the first row
@@ -94,8 +97,7 @@ smoke)
 cpu-table)
   # The comparison on real data, on a CPU (README, "Does it learn?"): Fashion-MNIST, the small Swin,
   # the same recipe and epochs for every row. ROWS and SEEDS pick the part to run, e.g.
-  # `ROWS="e2e ours-k4" SEEDS="1 2" bash run.sh cpu-table`; a finished run is skipped, never redone, and
-  # one cut short resumes from its last finished epoch.
+  # `ROWS="e2e ours-k4" SEEDS="1 2" bash run.sh cpu-table` (finished runs are skipped, see row()).
   declare -A rows=([e2e]="--k 1" [ours-k2]="--k 2" [ours-k4]="--k 4" [infopro-k4]="--k 4 --method infopro"
                    [greedy-ce-k4]="--k 4 --method greedy-ce" [greedy-contrast-k4]="--k 4 --method greedy-contrast"
                    [ours-k4-deconv]="--k 4 --decoder deconv" [ours-k4-deconv4]="--k 4 --decoder deconv4")
@@ -104,12 +106,7 @@ cpu-table)
     seeds=${SEEDS:-0 1 2}
     [[ $name == *deconv* ]] && seeds=${SEEDS:-0}  # the decoder rows: one seed each
     for seed in $seeds; do
-      out=runs/$group/$name-s$seed
-      if [[ -f $out/results.json ]]; then echo "== $group/$name-s$seed: done"; continue; fi
-      resume=()
-      [[ -f $out/last.pt ]] && resume=(--resume)  # a run cut short (end of a session) continues from its last epoch
-      row "$name-s$seed" "${small[@]}" --epochs "${EPOCHS:-10}" --crop-scale 0.8 --val-split 0.1 --seed "$seed" \
-        ${rows[$name]} "${resume[@]}"
+      row "$name-s$seed" "${small[@]}" --epochs "${EPOCHS:-10}" --crop-scale 0.8 --val-split 0.1 --seed "$seed" ${rows[$name]}
     done
   done
   summary "runs/$group"
@@ -119,7 +116,8 @@ cpu-speed)
   #    (the data set in memory, augmented a batch at a time), and the code before it (commit e35a045: the same
   #    images as PNGs through an ImageFolder, decoded and augmented one by one in worker processes).
   png=runs/$group/fashion-mnist-png
-  "$py" - "$png" <<'EOF'
+  group=$group/$(date +%Y%m%d-%H%M%S)  # a benchmark measures afresh each time, beside the earlier ones
+  [[ -d $png ]] || "$py" - "$png" <<'EOF'
 import os, sys
 from torchvision import datasets
 for split, train, n in (("train", True, 10000), ("val", False, 2000)):
@@ -129,6 +127,7 @@ for split, train, n in (("train", True, 10000), ("val", False, 2000)):
         os.makedirs(folder, exist_ok=True)
         data[i][0].save(f"{folder}/{i}.png")
 EOF
+  mkdir -p "runs/$group"
   git show e35a045:local_swin.py > "runs/$group/previous_local_swin.py"
   speed=("${small[@]}" --k 4 --epochs 1 --max-steps 60 --log-every 20)
   echo "== $group/previous-imagefolder: previous_local_swin.py --dataset imagefolder"

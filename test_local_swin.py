@@ -519,6 +519,28 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, capsys):
         assert (a["train_loss"], a["test_loss"], a["test_acc"]) == (b["train_loss"], b["test_loss"], b["test_acc"])
 
 
+def test_a_run_is_never_replaced_unasked(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(["--k", "2", "--epochs", "1"], out, capsys)[0] == 0
+    before = {f: (out / f).read_bytes() for f in L.RUN_FILES}
+    for args in (["--k", "2", "--epochs", "1"], ["--k", "2", "--measure-memory"], ["--k", "1", "--epochs", "1"]):
+        code, cap = run_cli(args, out, capsys)
+        assert code == 2 and "holds a run" in cap.err and "--overwrite" in cap.err, cap.err
+    code, cap = run_cli(["--k", "2", "--epochs", "1", "--resume"], out, capsys)  # finished: nothing to do
+    assert code == 0 and "nothing to do" in cap.out
+    assert {f: (out / f).read_bytes() for f in L.RUN_FILES} == before
+    assert run_cli(["--k", "2", "--epochs", "1", "--resume", "--overwrite"], out, capsys)[0] == 2
+    code, cap = run_cli(["--k", "2", "--epochs", "1", "--seed", "1", "--overwrite"], out, capsys)
+    assert code == 0 and json.loads((out / "results.json").read_text())["config"]["seed"] == 1
+
+
+def test_default_output_folders_do_not_collide(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert L.main(TINY_CLI + ["--epochs", "1", "--max-steps", "1"]) == 0
+    assert L.main(TINY_CLI + ["--measure-memory"]) == 0
+    assert sorted(os.listdir("runs")) == ["memory-swin-t-k4-ours-b64", "synthetic-swin-t-k4-ours"]
+
+
 def test_a_module_per_device_gives_the_same_run(tmp_path, capsys):
     """--devices puts module i on the i-th device; on cpu,cpu,cpu the run must equal one device's."""
     assert run_cli(["--k", "3", "--epochs", "1"], tmp_path / "one", capsys)[0] == 0
@@ -646,6 +668,7 @@ BAD_INPUTS = [
     (["--decoder", "magic", "--k", "1"], "unknown --decoder"),
     (["--temperature", "0"], "--temperature"),
     (["--amp", "fp16", "--device", "cpu"], "needs CUDA"),
+    (["--pretrained", "--embed-dim", "16"], "--pretrained: torchvision's weights are for swin-t as published"),
     (["--k", "3", "--devices", "cpu,cpu"], "one per module"),
     (["--devices", "gpu:0"], "--device(s)"),
     (["--device", "cuda:7"], "is not available here"),
