@@ -874,12 +874,24 @@ def imagefolder_dirs(root):
     return os.path.join(root, "train"), test
 
 
+def read_image(path):
+    """ImageFolder's loader (PIL, converted to RGB), naming the file it cannot read."""
+    try:
+        return datasets.folder.default_loader(path)
+    except OSError as e:
+        raise OSError(f"cannot read the image {path} ({e})") from None
+
+
 def decode_folder(folder, img_size, workers):
     """An ImageFolder decoded once, in `workers` processes, resized to img_size (our choice: a
     folder of large images would not fit in memory at full size) and converted to RGB."""
-    dataset = datasets.ImageFolder(folder, v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True)]))
-    print(f"decoding {len(dataset)} images in {folder} once, at {img_size} x {img_size}", flush=True)
-    parts = list(torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers))
+    try:
+        dataset = datasets.ImageFolder(folder, v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True)]),
+                                       loader=read_image)
+        print(f"decoding {len(dataset)} images in {folder} once, at {img_size} x {img_size}", flush=True)
+        parts = list(torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers))
+    except (OSError, RuntimeError) as e:  # an empty class folder or split; an unreadable image (from a worker, too)
+        raise ConfigError(f"--dataset imagefolder: {str(e).strip().splitlines()[-1]}")
     return ImageSet(torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])), dataset.classes
 
 
@@ -1138,8 +1150,13 @@ def float_list(text):
     return tuple(float(v) for v in text.split(","))
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print its whole usage first
+        raise ConfigError(f"{message} (see --help)")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)} (default %(default)s)")
     a("--data-dir", default="./data", help="where data sets are (downloaded); for imagefolder: DIR/train, DIR/val or DIR/test (default %(default)s)")
@@ -1162,7 +1179,7 @@ def parse_args(argv=None):
     a("--mus", type=float_list, help="contrastive weights of modules 1..K-1 (default: 1.0 rising linearly to 4.0)")
     a("--temperature", type=float, default=0.07, help="NT-Xent temperature (default %(default)s)")
     a("--epochs", type=int, default=300, help="training epochs (default %(default)s)")
-    a("--warmup-epochs", type=int, default=20, help="linear warm-up epochs before the cosine decay (default %(default)s)")
+    a("--warmup-epochs", type=int, help="linear warm-up epochs before the cosine decay (default: epochs / 15, so 20 of 300)")
     a("--batch-size", type=int, default=128, help="images per step (default %(default)s)")
     a("--lr", type=float, help="peak learning rate (default 5e-4 * batch-size / 512)")
     a("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on biases, norms, position tables) (default %(default)s)")
@@ -1185,9 +1202,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
-        return run(args)
+        return run(parse_args(argv))
     except ConfigError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message
         return 2
@@ -1200,15 +1216,21 @@ def main(argv=None):
 
 
 def run(args):
-    # --- check the flags and pick the devices
-    for flag in ("batch_size", "epochs", "log_every", "img_size"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ("temperature", "clip_grad"):
-        if not getattr(args, flag) > 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
-    if not 0 < args.crop_scale <= 1:
-        raise ConfigError(f"--crop-scale {args.crop_scale}: must be in (0, 1]")
+    # --- check the flags and pick the devices; a bad value is one line, before anything is read or written
+    def check(flags, ok, must):
+        for flag in flags:
+            value = getattr(args, flag)
+            if value is not None and not all(ok(v) for v in (value if isinstance(value, tuple) else (value,))):
+                raise ConfigError(f"--{flag.replace('_', '-')} {value}: must be {must}")
+    check(("batch_size", "epochs", "log_every", "img_size", "max_steps", "patch_size", "window_size", "embed_dim", "depths",
+           "heads"), lambda v: v >= 1, "at least 1")
+    check(("lr", "temperature", "clip_grad"), lambda v: 0 < v < math.inf, "positive and finite")
+    check(("weight_decay", "warmup_epochs", "workers", "lambdas", "mus"), lambda v: 0 <= v < math.inf, "non-negative and finite")
+    check(("drop_path", "label_smoothing"), lambda v: 0 <= v < 1, "in [0, 1)")
+    check(("crop_scale",), lambda v: 0 < v <= 1, "in (0, 1]")
+    args.warmup_epochs = round(args.epochs / 15) if args.warmup_epochs is None else args.warmup_epochs
+    if args.warmup_epochs > args.epochs:
+        raise ConfigError(f"--warmup-epochs {args.warmup_epochs} is more than --epochs {args.epochs}: the peak lr would never be reached")
     if args.resume and (args.measure_memory or args.overwrite):
         raise ConfigError(f"--resume and --{'measure-memory' if args.measure_memory else 'overwrite'} do not go together")
     try:
@@ -1217,6 +1239,8 @@ def run(args):
     except RuntimeError as e:
         raise ConfigError(f"--device(s): {e}")
     for d in devices or [device]:
+        if d.type not in ("cpu", "cuda", "mps"):
+            raise ConfigError(f"--device(s): {d.type} is not supported here; use cpu, cuda or mps")
         if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
             raise ConfigError(f"--device(s): {d} is not available here ({torch.cuda.device_count()} CUDA devices)")
     rank, world, device = init_distributed(device)
@@ -1271,7 +1295,7 @@ def run(args):
     net.place(devices or [device] * len(net.specs))
     if world > 1:
         distribute(net, device)
-    lr = args.lr or 5e-4 * args.batch_size * world / 512  # linear scaling rule from 5e-4 at a (global) batch of 512
+    lr = args.lr if args.lr is not None else 5e-4 * args.batch_size * world / 512  # linear scaling rule from 5e-4 at a (global) batch of 512
     describe(net, lr, device)
     if world > 1:
         print(f"data parallel: {world} processes x batch {args.batch_size} = global batch {args.batch_size * world}, "

@@ -669,6 +669,28 @@ BAD_INPUTS = [
     (["--temperature", "0"], "--temperature"),
     (["--amp", "fp16", "--device", "cpu"], "needs CUDA"),
     (["--pretrained", "--embed-dim", "16"], "--pretrained: torchvision's weights are for swin-t as published"),
+    # Every flag with a range: the list is the documentation of what is refused.
+    (["--lr", "0"], "--lr 0.0: must be positive"),
+    (["--lr", "nan"], "--lr nan: must be positive and finite"),
+    (["--lr", "inf"], "--lr inf: must be positive and finite"),
+    (["--weight-decay", "-0.1"], "--weight-decay -0.1: must be non-negative"),
+    (["--label-smoothing", "1"], "--label-smoothing 1.0: must be in [0, 1)"),
+    (["--drop-path", "-0.5"], "--drop-path -0.5: must be in [0, 1)"),
+    (["--warmup-epochs", "3"], "the peak lr would never be reached"),
+    (["--max-steps", "0"], "--max-steps 0: must be at least 1"),
+    (["--workers", "-1"], "--workers -1: must be non-negative"),
+    (["--depths", "2,0,2"], "--depths (2, 0, 2): must be at least 1"),
+    (["--heads", "1,-2,4"], "--heads (1, -2, 4): must be at least 1"),
+    (["--patch-size", "0"], "--patch-size 0: must be at least 1"),
+    (["--window-size", "-4"], "--window-size -4: must be at least 1"),
+    (["--embed-dim", "0"], "--embed-dim 0: must be at least 1"),
+    (["--k", "3", "--lambdas", "1,-1"], "--lambdas (1.0, -1.0): must be non-negative"),
+    (["--temperature", "inf"], "--temperature inf: must be positive and finite"),
+    (["--depths", "2,x"], "invalid int_list value: '2,x'"),
+    (["--k", "two"], "invalid int value: 'two'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--device", "meta"], "meta is not supported here"),
+    (["--device", "tpu"], "Expected one of cpu, cuda"),
     (["--k", "3", "--devices", "cpu,cpu"], "one per module"),
     (["--devices", "gpu:0"], "--device(s)"),
     (["--device", "cuda:7"], "is not available here"),
@@ -686,6 +708,25 @@ def test_bad_input_gets_one_clear_line(args, message, tmp_path, capsys):
     assert code != 0
     assert err.startswith("error: ") and err.count("\n") == 1 and message.replace("{tmp}", str(tmp_path)) in err, err
     assert not (out / "results.json").exists() and not (out / "log.jsonl").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_image_folders_get_one_line(workers, tmp_path, capsys):
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / c / "0.png")
+    (tmp_path / "val" / "b" / "1.png").write_bytes(b"not a png")
+    args = ["--dataset", "imagefolder", "--data-dir", str(tmp_path), "--workers", str(workers), "--epochs", "1"]
+    code, cap = run_cli(args, tmp_path / "out", capsys)
+    assert code == 2 and cap.err.count("\n") == 1 and "cannot read the image" in cap.err, cap.err
+    assert str(tmp_path / "val" / "b" / "1.png") in cap.err
+    (tmp_path / "val" / "b" / "1.png").unlink()
+    (tmp_path / "train" / "c").mkdir()  # a class folder with no image in it
+    code, cap = run_cli(args, tmp_path / "out", capsys)
+    assert code == 2 and cap.err.count("\n") == 1 and "Found no valid file for the classes c" in cap.err, cap.err
+    assert not (tmp_path / "out").exists()
 
 
 def test_script_runs_and_fails_cleanly_as_a_process(tmp_path):
