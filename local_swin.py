@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -1202,8 +1203,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    # SIGTERM (what a scheduler sends before it preempts a job) stops a run as Ctrl-C does.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return run(parse_args(argv))
+    except KeyboardInterrupt:
+        print("error: interrupted; last.pt in the output folder holds the last finished epoch (--resume continues "
+              "from it)", file=sys.stderr)
+        return 130
     except ConfigError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message
         return 2
@@ -1211,6 +1218,7 @@ def main(argv=None):
         print(f"error: {e}; stopping", file=sys.stderr)
         return 3
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

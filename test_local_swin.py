@@ -5,6 +5,7 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -727,6 +728,25 @@ def test_bad_image_folders_get_one_line(workers, tmp_path, capsys):
     code, cap = run_cli(args, tmp_path / "out", capsys)
     assert code == 2 and cap.err.count("\n") == 1 and "Found no valid file for the classes c" in cap.err, cap.err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_ends_cleanly_and_resumes(sig, tmp_path):
+    """Ctrl-C or a scheduler's SIGTERM mid-run: one line, non-zero exit, last.pt intact and resumable."""
+    args = [sys.executable, os.path.join(HERE, "local_swin.py"), *TINY_CLI, "--k", "2", "--epochs", "30", "--out", str(tmp_path)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until the first epoch has been checkpointed
+        if line.startswith("epoch 2/30 step"):
+            break
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err and err.count("\n") == 1 and "interrupted" in err, err
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] >= 1
+    resumed = subprocess.run(args[:-4] + ["--k", "2", "--epochs", "2", "--out", str(tmp_path), "--resume"],
+                             capture_output=True, text=True, timeout=300)
+    assert "--epochs 30 (now 2)" in resumed.stderr  # the checkpoint knows its settings ...
+    resumed = subprocess.run(args + ["--resume", "--max-steps", "20"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr  # ... and continues
 
 
 def test_script_runs_and_fails_cleanly_as_a_process(tmp_path):
