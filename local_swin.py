@@ -1132,11 +1132,9 @@ def run_info(args, net, device, optimizers):
     world = world_size()
     return {"config": vars(args), "k": len(net.specs), "split": list(net.ends), "lambdas": net.lambdas, "mus": net.mus,
             "lr": optimizers[0].param_groups[0]["initial_lr"], "global_batch": args.batch_size * world, "world_size": world,
-            "parameters": sum(p.numel() for p in net.backbone.parameters()),
-            "aux_parameters": sum(p.numel() for p in net.aux.parameters()),
+            "parameters": sum(p.numel() for p in net.backbone.parameters()), "aux_parameters": sum(p.numel() for p in net.aux.parameters()),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-            "devices": [str(d) for d in net.devices],
-            "torch": torch.__version__}
+            "devices": [str(d) for d in net.devices], "torch": torch.__version__}
 
 
 # ----------------------------------------------------------------------------------------
@@ -1285,8 +1283,6 @@ def run(args):
         raise ConfigError(f"--out {args.out} holds a run ({', '.join(held)}): --resume continues it, --overwrite replaces it")
     try:
         os.makedirs(args.out, exist_ok=True)
-        if not os.access(args.out, os.W_OK):
-            raise PermissionError("not writable")
     except OSError as e:
         raise ConfigError(f"--out {args.out}: cannot write there ({e.strerror or e})")
     for f in held if args.overwrite else []:  # asked for explicitly; every check has passed
