@@ -247,8 +247,8 @@ scaling)
   row module-per-gpu "${s[@]}" --devices cuda:0,cuda:1,cuda:2,cuda:3
   memory_table one-gpu module-per-gpu
   echo "== $group/torchrun: 4 processes, one DDP wrapper per module"
-  "$py" -m torch.distributed.run --standalone --nproc_per_node 4 local_swin.py --dataset cifar10 --k 4 \
-    --epochs 1 --max-steps 200 --out "runs/$group/torchrun" "${extra[@]}"
+  [[ -f runs/$group/torchrun/results.json ]] && echo "done, kept" || "$py" -m torch.distributed.run --standalone \
+    --nproc_per_node 4 local_swin.py --dataset cifar10 --k 4 --epochs 1 --max-steps 200 --out "runs/$group/torchrun" "${extra[@]}"
   ;;
 *)
   sed -n '2,15p' "$0"
