@@ -401,19 +401,24 @@ def test_cli_trains_on_synthetic_for_every_method(method, k, tmp_path, capsys):
     assert "img/s" in cap.out and "ETA" in cap.out and "test acc" in cap.out
 
 
-@pytest.mark.parametrize("method", L.METHODS)
-def test_cli_imagefolder_of_pngs(method, tmp_path, capsys):
+def make_png_folder(root):
+    """An ImageFolder of 3 colour classes: 40 training and 8 test PNGs each, one of them grayscale."""
     from PIL import Image
     gen = torch.Generator().manual_seed(0)
     for split, n in (("train", 40), ("val", 8)):
         for c, colour in enumerate(("red", "green", "blue")):
-            folder = tmp_path / "data" / split / colour
+            folder = root / split / colour
             folder.mkdir(parents=True)
             for i in range(n):
                 pixels = (torch.rand(20, 24, 3, generator=gen) * 80).to(torch.uint8)
                 pixels[..., c] += 150
                 image = Image.fromarray(pixels.numpy())
-                (image.convert("L") if i == 0 else image).save(folder / f"{i}.png")  # one grayscale image each
+                (image.convert("L") if i == 0 else image).save(folder / f"{i}.png")
+
+
+@pytest.mark.parametrize("method", L.METHODS)
+def test_cli_imagefolder_of_pngs(method, tmp_path, capsys):
+    make_png_folder(tmp_path / "data")
     code, cap = run_cli(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--epochs", "2",
                          "--batch-size", "16", "--k", "2", "--method", method], tmp_path / "out", capsys)
     assert code == 0, cap.err
@@ -518,6 +523,19 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, capsys):
     whole, cut = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("whole", "cut")]
     for a, b in zip(whole, cut, strict=True):
         assert (a["train_loss"], a["test_loss"], a["test_acc"]) == (b["train_loss"], b["test_loss"], b["test_acc"])
+
+
+def test_resume_is_exact_with_decoding_workers(tmp_path, capsys):
+    """Worker processes only decode an imagefolder once; the random stream of epoch e is a
+    function of (seed, e), so a resumed run equals an uninterrupted one whatever --workers is."""
+    make_png_folder(tmp_path / "data")
+    args = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--workers", "2", "--batch-size", "16",
+            "--k", "2", "--epochs", "2"]
+    assert run_cli(args, tmp_path / "whole", capsys)[0] == 0
+    assert run_cli(args + ["--max-steps", "10"], tmp_path / "cut", capsys)[0] == 0  # 7 steps per epoch
+    assert run_cli(args + ["--resume"], tmp_path / "cut", capsys)[0] == 0
+    whole, cut = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("whole", "cut")]
+    assert [(r["train_loss"], r["test_loss"]) for r in whole] == [(r["train_loss"], r["test_loss"]) for r in cut]
 
 
 def test_a_run_is_never_replaced_unasked(tmp_path, capsys):
