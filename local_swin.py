@@ -932,10 +932,8 @@ def make_datasets(name, root, img_size, download=True, workers=0):
 
 
 def validation_split(train, fraction, seed=0):
-    """(train, val): a fixed random `fraction` of the training set held out for choosing
+    """(train, val): a fixed random `fraction` (in [0, 1)) of the training set held out for choosing
     settings (design note 7). It depends on `seed` alone, not on --seed: every run is judged on the same images."""
-    if not 0 <= fraction < 1:
-        raise ConfigError(f"--val-split {fraction}: must be in [0, 1)")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     n_val = round(fraction * len(train))
     return train.subset(order[n_val:]), (train.subset(order[:n_val]) if n_val else None)
@@ -1232,7 +1230,7 @@ def run(args):
            "heads"), lambda v: v >= 1, "at least 1")
     check(("lr", "temperature", "clip_grad"), lambda v: 0 < v < math.inf, "positive and finite")
     check(("weight_decay", "warmup_epochs", "workers", "lambdas", "mus"), lambda v: 0 <= v < math.inf, "non-negative and finite")
-    check(("drop_path", "label_smoothing"), lambda v: 0 <= v < 1, "in [0, 1)")
+    check(("drop_path", "label_smoothing", "val_split"), lambda v: 0 <= v < 1, "in [0, 1)")
     check(("crop_scale",), lambda v: 0 < v <= 1, "in (0, 1]")
     args.warmup_epochs = round(args.epochs / 15) if args.warmup_epochs is None else args.warmup_epochs
     if args.warmup_epochs > args.epochs:
