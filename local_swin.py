@@ -1199,8 +1199,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    # SIGTERM (what a scheduler sends before it preempts a job) stops a run as Ctrl-C does.
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGTERM (what a scheduler sends before it preempts a job) stops a run as Ctrl-C does; SIGINT is
+    # set too, because a shell starts background jobs with it ignored.
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return run(parse_args(argv))
     except KeyboardInterrupt:
@@ -1214,7 +1215,8 @@ def main(argv=None):
         print(f"error: {e}; stopping", file=sys.stderr)
         return 3
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
