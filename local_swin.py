@@ -965,8 +965,7 @@ def prepare_batch(images, img_size, generator=None, min_scale=0.35):
         x = random_resized_crop(x, img_size, min_scale, generator)
     elif x.shape[-2:] != (img_size, img_size):
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True, align_corners=False)
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-    return (x - mean) / std
+    return v2.functional.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1037,7 +1036,7 @@ def train(args, net, optimizers, schedulers, scaler, data, device, amp_dtype):
         generator = torch.Generator().manual_seed(1000 * args.seed + epoch)
         order = torch.randperm(len(train_set), generator=generator)
         epoch_losses, window_losses = torch.zeros(K, device=device), torch.zeros(K, device=device)
-        done = window_steps = 0
+        window_steps = 0
         epoch_start = window_start = time.perf_counter()
         for done in range(1, steps_per_epoch + 1):
             part = order[((done - 1) * world + rank) * batch:][:batch]  # each process its own part of the global batch
@@ -1299,7 +1298,7 @@ def run(args):
     net.place(devices or [device] * len(net.specs))
     if world > 1:
         distribute(net, device)
-    lr = args.lr if args.lr is not None else 5e-4 * args.batch_size * world / 512  # linear scaling rule from 5e-4 at a (global) batch of 512
+    lr = args.lr if args.lr is not None else 5e-4 * args.batch_size * world / 512  # linear scaling from 5e-4 at 512
     describe(net, lr, device)
     if world > 1:
         print(f"data parallel: {world} processes x batch {args.batch_size} = global batch {args.batch_size * world}, "
