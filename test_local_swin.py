@@ -553,6 +553,26 @@ def test_a_run_is_never_replaced_unasked(tmp_path, capsys):
     assert code == 0 and json.loads((out / "results.json").read_text())["config"]["seed"] == 1
 
 
+def test_the_first_minutes_say_what_happens(tmp_path, capsys, monkeypatch):
+    """Before the first step: where the outputs go; after it: a progress line with an ETA. An epoch
+    cut short by --max-steps is evaluated on as many images as it trained on, and says so."""
+    code, cap = run_cli(["--k", "2", "--epochs", "2", "--max-steps", "3", "--log-every", "100", "--val-split", "0.25"],
+                        tmp_path, capsys)
+    assert code == 0, cap.err
+    lines = cap.out.splitlines()
+    where = next(i for i, line in enumerate(lines) if f"into {tmp_path}/" in line)
+    first = next(i for i, line in enumerate(lines) if line.startswith("epoch 1/2 step 1/12 |"))
+    assert where < first and "ETA" in lines[first]
+    record = json.loads((tmp_path / "log.jsonl").read_text())
+    assert record["test_images"] == record["val_images"] == 3 * 64 and "(first 192 images)" in cap.out
+    clock = iter(range(0, 10**6, 16))  # 16 s between readings: a line every other batch
+    monkeypatch.setattr(L.time, "perf_counter", lambda: next(clock))
+    net = L.LocalSwin(L.build_model("swin-t", 10, img_size=32, patch_size=2, window_size=4, embed_dim=16,
+                                    depths=(2, 2, 2), heads=(1, 2, 4)), (2,))
+    L.evaluate(net, L.synthetic_images(train=False), torch.device("cpu"), 64, name="test")
+    assert capsys.readouterr().out.splitlines() == [f"  evaluating test: {n}/256 images" for n in (64, 192)]
+
+
 def test_default_output_folders_do_not_collide(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert L.main(TINY_CLI + ["--epochs", "1", "--max-steps", "1"]) == 0
