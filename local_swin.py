@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -346,7 +347,22 @@ def block_units(model):
     return units
 
 
-def split_backbone(model, ends):
+class Checkpointed(nn.Module):
+    """--checkpoint (design note 8): a unit of block_units whose activations are recomputed in the
+    backward pass instead of kept; only its input stays alive. Non-reentrant checkpointing
+    restores the random state, so drop-path drops the same paths when it recomputes."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x):
+        if not torch.is_grad_enabled():  # evaluation: nothing to recompute
+            return self.layers(x)
+        return torch.utils.checkpoint.checkpoint(self.layers, x, use_reentrant=False)
+
+
+def split_backbone(model, ends, checkpoint=False):
     """Cut the backbone after the given block counts. A patch merging goes with the block that
     ends its stage; module 1 starts after the patch embedding (its LocalStep runs that first, so
     that x_0 is the embedding) and module K ends with the classifier head."""
@@ -355,7 +371,8 @@ def split_backbone(model, ends):
     shapes = [(model.dims[0], model.resolutions[0])] + [(dim, res) for _, dim, res in units]
     specs = []
     for a, b in zip(bounds, bounds[1:]):
-        layers = [layer for unit, _, _ in units[a:b] for layer in unit] + ([model.head] if b == len(units) else [])
+        layers = [layer for unit, _, _ in units[a:b] for layer in ([Checkpointed(unit)] if checkpoint else unit)]
+        layers += [model.head] if b == len(units) else []
         specs.append(ModuleSpec(nn.Sequential(*layers), *shapes[a], *shapes[b]))
     return specs
 
@@ -463,14 +480,14 @@ class LocalSwin(nn.Module):
     """
 
     def __init__(self, backbone, ends, *, method="ours", decoder="interp", lambdas=None, mus=None,
-                 temperature=0.07, label_smoothing=0.1):
+                 temperature=0.07, label_smoothing=0.1, checkpoint=False):
         super().__init__()
         if method not in METHODS:
             raise ConfigError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
         if decoder not in DECODERS:  # checked here too: with K = 1 no decoder is ever built
             raise ConfigError(f"unknown --decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
         self.backbone, self.ends, self.method = backbone, tuple(ends), method
-        self.specs = split_backbone(backbone, self.ends)  # views: the parameters live in backbone
+        self.specs = split_backbone(backbone, self.ends, checkpoint)  # views: the parameters live in backbone
         self.lambdas, self.mus = lambda_mu_schedule(len(self.specs) - 1, lambdas, mus)
         if method == "greedy-contrast":
             self.lambdas = [0.0] * len(self.lambdas)
@@ -769,34 +786,43 @@ def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3,
             "step_time_s": step_time, "images_per_second": batch_size / step_time}
 
 
-def balanced_split(backbone, k, lambdas, *, batch_size, device, **net_options):
+def balanced_split(backbone, k, lambdas, *, batch_size, device, checkpoint=False, **net_options):
     """--split balanced: the cut points that make the largest module, with its auxiliary block,
-    as small as possible at this batch and image size. One forward pass measures the bytes
-    each block keeps for backward (the embedding and head go with the first and last block);
-    one local step of each kind of auxiliary block measures its peak. A module costs its input,
-    its blocks and its auxiliary block, and a dynamic program over the cut points minimises
-    the largest cost. Returns the ends and each module's cost as a share of E2E's."""
-    units = block_units(backbone)
+    as small as possible at this batch and image size. Each block runs once on its own input,
+    detached, and its graph is freed before the next runs, so the search holds one block's graph
+    at a time, never a whole forward pass: it measures the bytes each block keeps for backward
+    (the embedding and head go with the first and last block; with --checkpoint, what a
+    Checkpointed block keeps, plus one block's full graph while its module's backward recomputes
+    it). One local step of each kind of auxiliary block measures its peak. A module costs its
+    input, its blocks and its auxiliary block, and a dynamic program over the cut points
+    minimises the largest cost. Returns the ends and each module's cost as a share of E2E's
+    (without checkpointing)."""
+    units = [layers for layers, _, _ in block_units(backbone)]
+    units[-1] = units[-1] + [backbone.head]
     n, size = len(units), backbone.patch_embed.img_size
     images = torch.randn(batch_size, 3, size, size, device=device)
     labels = torch.randint(backbone.head.fc.out_features, (batch_size,), device=device)
     backbone.train()
     memory = PeakMemory([device])
-    with memory.region():
-        start = memory.live_bytes()
-        outputs = [backbone.patch_embed(images)]  # x after the embedding and after each block
-        live = [memory.live_bytes()]
-        for layers, _, _ in units:
-            outputs.append(nn.Sequential(*layers)(outputs[-1]))
-            live.append(memory.live_bytes())
-        outputs.append(backbone.head(outputs[-1]))  # the logits, kept so that the head's bytes count
-        live[-1] = memory.live_bytes()
-    held = [b - a for a, b in zip([start] + live, live)]  # held[0]: the embedding; held[j]: block j
+
+    def kept(layers, x):  # the bytes `layers` keep alive for backward (their output included), and the output
+        with memory.region():
+            before = memory.live_bytes()
+            out = layers(x)
+            return memory.live_bytes() - before, out.detach()  # the graph dies with `out`, on return
+
+    embedding, x0 = kept(backbone.patch_embed, images)
+    full, held, xs = [embedding], [embedding], [x0]  # xs[j] = x_j, detached: the next block's input
+    for layers in units:
+        plain, out = kept(nn.Sequential(*layers), xs[-1].requires_grad_())
+        full.append(plain)
+        held.append(kept(Checkpointed(layers), xs[-1])[0] if checkpoint else plain)
+        xs.append(out)
 
     aux_peaks = {}
 
     def aux_peak(a, b, reconstructs):  # the auxiliary block reading x_b, for a module that reads x_a
-        key = (outputs[a].shape, outputs[b].shape, reconstructs)
+        key = (xs[a].shape, xs[b].shape, reconstructs)
         if key not in aux_peaks:
             ends = (b,) if a == 0 else (a, b)
             probe = LocalSwin(backbone, ends, lambdas=[float(reconstructs)] * len(ends), mus=[1.0] * len(ends),
@@ -804,12 +830,13 @@ def balanced_split(backbone, k, lambdas, *, batch_size, device, **net_options):
             peak = PeakMemory([device])
             before = peak.live_bytes()
             with peak.region():
-                probe.local_loss(len(ends) - 1, outputs[a].detach(), outputs[b].detach().requires_grad_(), images, labels).backward()
+                probe.local_loss(len(ends) - 1, xs[a].detach(), xs[b].detach().requires_grad_(), images, labels).backward()
             aux_peaks[key] = peak.peak_bytes() - before
         return aux_peaks[key]
 
     def module_cost(i, a, b):  # module i + 1 holds blocks a+1 .. b
-        cost = sum(held[a + 1:b + 1]) + (held[0] if a == 0 else tensor_bytes([outputs[a]]))
+        cost = sum(held[a + 1:b + 1]) + (max(full[a + 1:b + 1]) if checkpoint else 0)
+        cost += held[0] if a == 0 else tensor_bytes([xs[a]])
         return cost + (aux_peak(a, b, lambdas[i] > 0) if b < n else 0)
 
     best = {(0, 0): (0, ())}  # (modules placed, blocks covered) -> (largest module cost, ends)
@@ -818,7 +845,7 @@ def balanced_split(backbone, k, lambdas, *, batch_size, device, **net_options):
             best[i + 1, b] = min((max(best[i, a][0], module_cost(i, a, b)), best[i, a][1] + (b,))
                                  for a in range(i, b) if (i, a) in best)
     ends = best[k, n][1]
-    shares = [module_cost(i, a, b) / sum(held) for i, (a, b) in enumerate(zip((0,) + ends, ends))]
+    shares = [module_cost(i, a, b) / sum(full) for i, (a, b) in enumerate(zip((0,) + ends, ends))]
     return ends[:-1], shares
 
 
@@ -999,7 +1026,7 @@ def format_duration(seconds):
 # Flags that do not change what is computed: a resumed run may change them. (--split is
 # checked through the module ends it resolves to: "balanced" and the list it chose are the same.)
 RUN_ONLY_FLAGS = {"resume", "max_steps", "workers", "device", "devices", "data_dir", "no_download", "log_every", "out",
-                  "split", "overwrite"}
+                  "split", "overwrite", "checkpoint"}
 RUN_FILES = ("log.jsonl", "results.json", "last.pt")  # what a run writes into --out
 
 
@@ -1042,8 +1069,7 @@ def train(args, net, optimizers, schedulers, scaler, data, device, amp_dtype):
         # Epoch e's order and augmentations depend on (seed, e) alone, so a resumed run repeats them.
         generator = torch.Generator().manual_seed(1000 * args.seed + epoch)
         order = torch.randperm(len(train_set), generator=generator)
-        epoch_losses, window_losses = torch.zeros(K, device=device), torch.zeros(K, device=device)
-        window_steps = 0
+        epoch_losses, window = torch.zeros(K, device=device), []  # window: the (K,) losses since the last log line
         epoch_start = window_start = time.perf_counter()
         for done in range(1, steps_per_epoch + 1):
             part = order[((done - 1) * world + rank) * batch:][:batch]  # each process its own part of the global batch
@@ -1052,30 +1078,30 @@ def train(args, net, optimizers, schedulers, scaler, data, device, amp_dtype):
             # The meter (a Python hook on every operator on the CPU) reads the peak on each epoch's first step only.
             with memory.region() if done == 1 else contextlib.nullcontext():
                 losses = train_step(net, optimizers, images, labels, clip_grad=args.clip_grad, amp_dtype=amp_dtype, scaler=scaler)
-            losses = torch.stack([loss.float().to(device) for loss in losses])
-            if world > 1:  # the mean over processes: every rank logs the same losses and stops together on a NaN
-                torch.distributed.all_reduce(losses)
-                losses /= world
+            window.append(torch.stack([loss.float().to(device) for loss in losses]))  # on the device: no host sync
             for scheduler in schedulers:
                 scheduler.step()
-            step, window_steps = step + 1, window_steps + 1
-            bad = (~torch.isfinite(losses)).nonzero()  # one host sync per step, to name the step and module
-            if len(bad):
-                i = bad[0].item()
-                raise FloatingPointError(f"loss of module {i + 1} became {losses[i].item()} at step {step} (epoch {epoch + 1})")
-            epoch_losses += losses
-            window_losses += losses
+            step += 1
             # From step 1 on, so that the ETA (an epoch's estimate, then the run's) shows at once.
-            if window_steps == args.log_every or done in (1, steps_per_epoch) or step == args.max_steps:
+            if len(window) == args.log_every or done in (1, steps_per_epoch) or step == args.max_steps:
+                losses = torch.stack(window)
+                if world > 1:  # the mean over processes: every rank logs the same losses and stops together on a NaN
+                    torch.distributed.all_reduce(losses)
+                    losses /= world
+                bad = (~torch.isfinite(losses)).nonzero()  # checked here, not every step, to name the first bad one
+                if len(bad):
+                    row, i = bad[0].tolist()
+                    raise FloatingPointError(f"loss of module {i + 1} became {losses[row, i].item()} at step "
+                                             f"{step - len(window) + 1 + row} (epoch {epoch + 1})")
+                epoch_losses += losses.sum(0)
                 train_time += time.perf_counter() - window_start
-                train_images += window_steps * batch * world
+                train_images += len(window) * batch * world
                 rate = train_images / train_time
                 eta = (min(total_steps, args.max_steps or total_steps) - step) * batch * world / rate
                 print(f"epoch {epoch + 1}/{args.epochs} step {done}/{steps_per_epoch} | loss "
-                      + " ".join(f"{v:.4f}" for v in (window_losses / window_steps).tolist())
+                      + " ".join(f"{v:.4f}" for v in losses.mean(0).tolist())
                       + f" | lr {schedulers[0].get_last_lr()[0]:.2e} | {rate:.0f} img/s | ETA {format_duration(eta)}", flush=True)
-                window_losses.zero_()
-                window_steps, window_start = 0, time.perf_counter()
+                window, window_start = [], time.perf_counter()
             if args.max_steps and step >= args.max_steps:
                 break
         epoch += 1
@@ -1196,6 +1222,7 @@ def parse_args(argv=None):
     a("--val-split", type=float, default=0.0, help="fraction of the training set held out to choose settings on (default %(default)s)")
     a("--crop-scale", type=float, default=0.35, help="smallest area fraction a random resized crop keeps (default %(default)s)")
     a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes that decode an imagefolder, once (default %(default)s)")
+    a("--checkpoint", action="store_true", help="recompute each block's activations in the backward pass (less memory, more compute)")
     a("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision (fp16 on CUDA only) (default %(default)s)")
     a("--device", help="cuda, cuda:1, cpu, ... (default: cuda when present)")
     a("--devices", help="one device per module, e.g. cuda:0,cuda:1,cuda:2,cuda:3: module i runs on the i-th (overrides --device)")
@@ -1303,7 +1330,8 @@ def run(args):
         os.remove(os.path.join(args.out, f))
 
     # --- cut it into modules, place them, wrap them
-    net_options = dict(method=args.method, decoder=args.decoder, temperature=args.temperature, label_smoothing=args.label_smoothing)
+    net_options = dict(method=args.method, decoder=args.decoder, temperature=args.temperature, label_smoothing=args.label_smoothing,
+                       checkpoint=args.checkpoint)
     if args.split == "balanced":  # the same K, cut where the largest module is smallest
         ends, shares = balanced_split(backbone.to(device), len(ends) + 1, lambdas, batch_size=args.batch_size,
                                       device=device, **net_options)
@@ -1348,7 +1376,7 @@ def describe(net, lr, device):
           f"K={len(net.specs)} {'end-to-end' if len(net.specs) == 1 else 'method ' + net.method} | lr {lr:.2e} | device {device}")
     first = 1
     for i, spec in enumerate(net.specs):
-        blocks = sum(isinstance(m, SwinBlock) for m in spec.layers)
+        blocks = sum(isinstance(m, SwinBlock) for m in spec.layers.modules())
         loss = "cross-entropy (eq. 3)" if i == len(net.specs) - 1 else (
             "cross-entropy" if net.method == "greedy-ce" else f"lambda {net.lambdas[i]:.2f}, mu {net.mus[i]:.2f} (eq. 2)")
         print(f"  module {i + 1}: blocks {first}-{first + blocks - 1} | {spec.in_res}x{spec.in_res}x{spec.in_dim} -> "

@@ -190,7 +190,7 @@ class GradRecorder:
 
     def __init__(self, params):
         self.param_groups = [{"params": list(params)}]
-        self.grads = None
+        self.grads, self.state = None, {}
 
     def step(self):
         self.grads = [None if p.grad is None else p.grad.clone() for p in self.param_groups[0]["params"]]
@@ -227,6 +227,29 @@ def test_gradient_isolation(method):
         x = out.detach()
 
 
+@pytest.mark.parametrize("k", [1, 4])
+def test_checkpointing_gives_the_same_gradients_in_less_memory(k):
+    """--checkpoint recomputes each block in the backward pass: with drop-path on, the gradients
+    of a step equal those without it (the recomputation replays the same random paths), and
+    the step holds measurably less activation memory."""
+    grads, activations = {}, {}
+    for checkpoint in (False, True):
+        torch.manual_seed(0)
+        backbone = L.build_model("swin-t", 10, **{**SMALL, "drop_path": 0.5})
+        net = L.LocalSwin(backbone, L.resolve_split("paper", k, (2, 2, 6, 2)), checkpoint=checkpoint)
+        recorders = [GradRecorder(net.module_parameters(i)) for i in range(k)]
+        torch.manual_seed(1)
+        L.train_step(net, recorders, *batch(), clip_grad=float("inf"))
+        grads[checkpoint] = [g for r in recorders for g in r.grads]
+        torch.manual_seed(1)
+        activations[checkpoint] = L.measure_memory(net, recorders, batch_size=16, num_classes=10, device=torch.device("cpu"),
+                                                   steps=1, clip_grad=float("inf"))["activation_memory_mib"]
+    assert len(grads[True]) == len(grads[False]) and all(g is not None for g in grads[True])
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert activations[True] < 0.75 * activations[False], activations
+
+
 def test_k1_is_exactly_end_to_end():
     net = small_net(1)
     images, labels = batch()
@@ -239,22 +262,27 @@ def test_k1_is_exactly_end_to_end():
         assert torch.allclose(g, recorded, rtol=1e-5, atol=1e-7)
 
 
-def test_balanced_split_holds_no_more_than_the_paper_split():
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_balanced_split_holds_no_more_than_the_paper_split(checkpoint):
     """The split is chosen from measured bytes; measured again by a real training step, its
-    largest module is no larger than the paper split's, and the estimate matches the step."""
+    largest module is no larger than the paper split's, and the estimate matches the step (with
+    --checkpoint too). The search itself, one block at a time, peaks far below E2E training."""
     torch.manual_seed(0)
-    options = dict(method="ours", decoder="interp", temperature=0.07, label_smoothing=0.1)
+    options = dict(method="ours", decoder="interp", temperature=0.07, label_smoothing=0.1, checkpoint=checkpoint)
     backbone = L.build_model("swin-t", 10, **{**SMALL, "embed_dim": 32, "heads": (2, 4, 8, 16)})
-    ends, shares = L.balanced_split(backbone, 4, [3.0, 1.5, 0.0], batch_size=16, device=torch.device("cpu"), **options)
+    search = L.PeakMemory([torch.device("cpu")])
+    with search.region():
+        ends, shares = L.balanced_split(backbone, 4, [3.0, 1.5, 0.0], batch_size=16, device=torch.device("cpu"), **options)
     assert len(ends) == 3 and list(ends) == sorted(set(ends)) and len(shares) == 4
     measured = {}
     for name, split in (("e2e", ()), ("paper", (2, 4, 10)), ("balanced", ends)):
-        net = L.LocalSwin(backbone, split, **options)
+        net = L.LocalSwin(backbone, split, **{**options, "checkpoint": checkpoint and name != "e2e"})
         optimizers, _ = L.make_optimizers(net, lr=1e-3, weight_decay=0.05, total_steps=10, warmup_steps=2)
         measured[name] = L.measure_memory(net, optimizers, batch_size=16, num_classes=10, device=torch.device("cpu"),
                                           steps=1)["activation_memory_mib"]
     assert measured["balanced"] <= measured["paper"] * 1.01, (ends, measured)
     assert max(shares) == pytest.approx(measured["balanced"] / measured["e2e"], abs=0.05), (shares, measured)
+    assert search.peak_bytes() / 2**20 < 0.5 * measured["e2e"], (search.peak_bytes() / 2**20, measured)
 
 
 def test_live_tensor_meter_counts_allocations_not_views():
