@@ -20,6 +20,7 @@ import gc
 import json
 import math
 import os
+import pathlib
 import re
 import signal
 import sys
@@ -45,9 +46,7 @@ class ConfigError(Exception):
     """Bad input from the user: the command line prints it as one line and exits non-zero."""
 
 
-# ----------------------------------------------------------------------------------------
-# Paper 3.1: the Swin Transformer backbone
-# ----------------------------------------------------------------------------------------
+# ---- Paper 3.1: the Swin Transformer backbone ------------------------------------------------
 
 # (embed_dim C, blocks per stage, heads per stage, stochastic depth rate); design note 2.
 ARCHS = {
@@ -294,9 +293,7 @@ def pretrained_state_dict(arch):
                           f"caches weights in {cache}: put {os.path.basename(weights.url)} there to use them offline")
 
 
-# ----------------------------------------------------------------------------------------
-# Paper 3.2-3.3: gradient-isolated modules and where to cut
-# ----------------------------------------------------------------------------------------
+# ---- Paper 3.2-3.3: gradient-isolated modules and where to cut -------------------------------
 
 def resolve_split(split, k, depths):
     """Module ends as block counts: module i holds blocks ends[i-1]+1 .. ends[i] (numbered
@@ -347,19 +344,14 @@ def block_units(model):
     return units
 
 
-class Checkpointed(nn.Module):
+class Checkpointed(nn.Sequential):
     """--checkpoint (design note 8): a unit of block_units whose activations are recomputed in the
     backward pass instead of kept; only its input stays alive. Non-reentrant checkpointing
     restores the random state, so drop-path drops the same paths when it recomputes."""
 
-    def __init__(self, layers):
-        super().__init__()
-        self.layers = nn.Sequential(*layers)
-
-    def forward(self, x):
-        if not torch.is_grad_enabled():  # evaluation: nothing to recompute
-            return self.layers(x)
-        return torch.utils.checkpoint.checkpoint(self.layers, x, use_reentrant=False)
+    def forward(self, x):  # (nothing to recompute without grad, in evaluation)
+        run = super().forward
+        return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False) if torch.is_grad_enabled() else run(x)
 
 
 def split_backbone(model, ends, checkpoint=False):
@@ -371,15 +363,13 @@ def split_backbone(model, ends, checkpoint=False):
     shapes = [(model.dims[0], model.resolutions[0])] + [(dim, res) for _, dim, res in units]
     specs = []
     for a, b in zip(bounds, bounds[1:]):
-        layers = [layer for unit, _, _ in units[a:b] for layer in ([Checkpointed(unit)] if checkpoint else unit)]
+        layers = [layer for unit, _, _ in units[a:b] for layer in ([Checkpointed(*unit)] if checkpoint else unit)]
         layers += [model.head] if b == len(units) else []
         specs.append(ModuleSpec(nn.Sequential(*layers), *shapes[a], *shapes[b]))
     return specs
 
 
-# ----------------------------------------------------------------------------------------
-# Paper 3.4: the auxiliary block f_i
-# ----------------------------------------------------------------------------------------
+# ---- Paper 3.4: the auxiliary block f_i ------------------------------------------------------
 
 DECODERS = ("interp", "deconv", "deconv4")
 
@@ -432,9 +422,7 @@ class AuxBlock(nn.Module):
         return z, (self.decoder(h) if self.decoder is not None else None)
 
 
-# ----------------------------------------------------------------------------------------
-# Paper 3.5: the losses (eq. 1-3)
-# ----------------------------------------------------------------------------------------
+# ---- Paper 3.5: the losses (eq. 1-3) ---------------------------------------------------------
 
 def supervised_nt_xent(z, labels, temperature=0.07):
     """L^xy: NT-Xent in its supervised form (Chen et al. 2020; Khosla et al. 2020, as in
@@ -555,9 +543,7 @@ class LocalSwin(nn.Module):
         return self.lambdas[i] * l_rec + self.mus[i] * l_con  # eq. 2
 
 
-# ----------------------------------------------------------------------------------------
-# Greedy training (paper 3.2-3.3): one module at a time
-# ----------------------------------------------------------------------------------------
+# ---- Greedy training (paper 3.2-3.3): one module at a time -----------------------------------
 
 class LocalStep(nn.Module):
     """Module g_i with its local loss as one nn.Module: forward(x_{i-1}, images, labels) returns
@@ -682,9 +668,7 @@ def evaluate(net, data, device, batch_size, amp_dtype=None, name=None):
     return loss_sum.item() / len(data), 100.0 * correct.item() / len(data)
 
 
-# ----------------------------------------------------------------------------------------
-# Memory: the paper's headline claim, measured the same way on every device
-# ----------------------------------------------------------------------------------------
+# ---- Memory: the paper's headline claim, measured the same way on every device ---------------
 
 class LiveTensorMeter(TorchDispatchMode):
     """The CPU's stand-in for torch.cuda.max_memory_allocated: the peak number of bytes held by
@@ -764,9 +748,8 @@ def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3,
     labels = torch.randint(num_classes, (batch_size,), device=device)
     net.train()
     train_step(net, optimizers, images, labels, **step_kwargs)  # warm-up: creates the optimizer state
-    def sync():  # CUDA runs asynchronously: wait for every device before reading the clock
-        for d in {d for d in net.devices if d.type == "cuda"}:
-            torch.cuda.synchronize(d)
+    cuda = {d for d in net.devices if d.type == "cuda"}  # CUDA runs asynchronously: sync before reading the clock
+    sync = lambda: [torch.cuda.synchronize(d) for d in cuda]
     sync()
     start = time.perf_counter()
     for _ in range(steps):
@@ -787,16 +770,12 @@ def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3,
 
 
 def balanced_split(backbone, k, lambdas, *, batch_size, device, checkpoint=False, **net_options):
-    """--split balanced: the cut points that make the largest module, with its auxiliary block,
-    as small as possible at this batch and image size. Each block runs once on its own input,
-    detached, and its graph is freed before the next runs, so the search holds one block's graph
-    at a time, never a whole forward pass: it measures the bytes each block keeps for backward
-    (the embedding and head go with the first and last block; with --checkpoint, what a
-    Checkpointed block keeps, plus one block's full graph while its module's backward recomputes
-    it). One local step of each kind of auxiliary block measures its peak. A module costs its
-    input, its blocks and its auxiliary block, and a dynamic program over the cut points
-    minimises the largest cost. Returns the ends and each module's cost as a share of E2E's
-    (without checkpointing)."""
+    """--split balanced: the cut points that make the largest module, with its auxiliary block, as
+    small as possible at this batch and image size (design note 3). Each block runs once on its own
+    detached input, so the search holds one block's graph at a time, and measures the bytes the
+    block keeps for backward; one local step of each kind of auxiliary block measures its peak. A
+    dynamic program over the cut points minimises the largest module. Returns the ends and each
+    module's cost as a share of E2E's (without checkpointing)."""
     units = [layers for layers, _, _ in block_units(backbone)]
     units[-1] = units[-1] + [backbone.head]
     n, size = len(units), backbone.patch_embed.img_size
@@ -805,7 +784,7 @@ def balanced_split(backbone, k, lambdas, *, batch_size, device, checkpoint=False
     backbone.train()
     memory = PeakMemory([device])
 
-    def kept(layers, x):  # the bytes `layers` keep alive for backward (their output included), and the output
+    def kept(layers, x):  # the bytes `layers` keep for backward (output included), and the output
         with memory.region():
             before = memory.live_bytes()
             out = layers(x)
@@ -816,7 +795,7 @@ def balanced_split(backbone, k, lambdas, *, batch_size, device, checkpoint=False
     for layers in units:
         plain, out = kept(nn.Sequential(*layers), xs[-1].requires_grad_())
         full.append(plain)
-        held.append(kept(Checkpointed(layers), xs[-1])[0] if checkpoint else plain)
+        held.append(kept(Checkpointed(*layers), xs[-1])[0] if checkpoint else plain)
         xs.append(out)
 
     aux_peaks = {}
@@ -834,10 +813,9 @@ def balanced_split(backbone, k, lambdas, *, batch_size, device, checkpoint=False
             aux_peaks[key] = peak.peak_bytes() - before
         return aux_peaks[key]
 
-    def module_cost(i, a, b):  # module i + 1 holds blocks a+1 .. b
+    def module_cost(i, a, b):  # module i + 1: its input, blocks a+1 .. b (one recomputed at a time) and aux
         cost = sum(held[a + 1:b + 1]) + (max(full[a + 1:b + 1]) if checkpoint else 0)
-        cost += held[0] if a == 0 else tensor_bytes([xs[a]])
-        return cost + (aux_peak(a, b, lambdas[i] > 0) if b < n else 0)
+        return cost + (held[0] if a == 0 else tensor_bytes([xs[a]])) + (aux_peak(a, b, lambdas[i] > 0) if b < n else 0)
 
     best = {(0, 0): (0, ())}  # (modules placed, blocks covered) -> (largest module cost, ends)
     for i in range(k):
@@ -849,9 +827,7 @@ def balanced_split(backbone, k, lambdas, *, batch_size, device, checkpoint=False
     return ends[:-1], shares
 
 
-# ----------------------------------------------------------------------------------------
-# Data (design note 6): whole data sets in memory, augmented a batch at a time
-# ----------------------------------------------------------------------------------------
+# ---- Data (design note 6): whole data sets in memory, augmented a batch at a time ------------
 
 @dataclass
 class ImageSet:
@@ -1001,9 +977,7 @@ def prepare_batch(images, img_size, generator=None, min_scale=0.35):
     return v2.functional.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
 
 
-# ----------------------------------------------------------------------------------------
-# The training run: progress, log, checkpoint, results
-# ----------------------------------------------------------------------------------------
+# ---- The training run: progress, log, checkpoint, results ------------------------------------
 
 def atomic_write(path, write):
     """Write through a temporary file and rename, so a crash never leaves a half-written file."""
@@ -1013,10 +987,7 @@ def atomic_write(path, write):
 
 
 def write_json(path, record):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(record, indent=2)))
 
 
 def format_duration(seconds):
@@ -1034,11 +1005,9 @@ def train(args, net, optimizers, schedulers, scaler, data, device, amp_dtype):
     """The greedy training run over `data` = (train, val or None, test) ImageSets: progress lines,
     log.jsonl (one record per epoch), last.pt at the end of each epoch, results.json at the end."""
     out, K, (train_set, val_set, test_set) = args.out, len(net.specs), data
-    world = world_size()
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0  # rank 0 alone writes files
+    world, rank = world_size(), torch.distributed.get_rank() if torch.distributed.is_initialized() else 0  # rank 0 writes files
     img_size, batch = net.backbone.patch_embed.img_size, args.batch_size
     steps_per_epoch = len(train_set) // (batch * world)
-    total_steps = args.epochs * steps_per_epoch
     checkpoint_path = os.path.join(out, "last.pt")
     start_epoch, step, history = 0, 0, []
     if args.resume:
@@ -1057,9 +1026,8 @@ def train(args, net, optimizers, schedulers, scaler, data, device, amp_dtype):
         print(f"resumed from {checkpoint_path} after epoch {start_epoch} (step {step})")
     print(f"training {args.epochs} x {steps_per_epoch} steps; into {out}/: log.jsonl and last.pt after each epoch, results.json at the end")
     log_path = os.path.join(out, "log.jsonl")
-    if rank == 0:
-        with open(log_path, "w") as f:  # exactly the epochs the checkpoint has seen
-            f.writelines(json.dumps(record) + "\n" for record in history)
+    if rank == 0:  # exactly the epochs the checkpoint has seen
+        pathlib.Path(log_path).write_text("".join(json.dumps(record) + "\n" for record in history))
 
     memory = PeakMemory(net.devices, baseline=tensor_bytes(list(net.parameters()) + list(net.buffers())))
     train_images, train_time, run_start = 0, 0.0, time.perf_counter()
@@ -1097,7 +1065,7 @@ def train(args, net, optimizers, schedulers, scaler, data, device, amp_dtype):
                 train_time += time.perf_counter() - window_start
                 train_images += len(window) * batch * world
                 rate = train_images / train_time
-                eta = (min(total_steps, args.max_steps or total_steps) - step) * batch * world / rate
+                eta = (min(args.epochs * steps_per_epoch, args.max_steps or math.inf) - step) * batch * world / rate
                 print(f"epoch {epoch + 1}/{args.epochs} step {done}/{steps_per_epoch} | loss "
                       + " ".join(f"{v:.4f}" for v in losses.mean(0).tolist())
                       + f" | lr {schedulers[0].get_last_lr()[0]:.2e} | {rate:.0f} img/s | ETA {format_duration(eta)}", flush=True)
@@ -1121,7 +1089,7 @@ def train(args, net, optimizers, schedulers, scaler, data, device, amp_dtype):
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        if done == steps_per_epoch and rank == 0:  # a checkpoint marks a finished epoch; a run cut short resumes from the last one
+        if rank == 0 and done == steps_per_epoch:  # a checkpoint marks a finished epoch; a run cut short resumes from the last one
             ckpt = {"epoch": epoch, "step": step, "history": history, "config": vars(args), "ends": net.ends,
                     "net": net.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                     "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(),
@@ -1150,8 +1118,7 @@ def load_checkpoint(path, args, ends):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         saved = ckpt["config"]
     except Exception as e:  # torch.load raises many kinds of error on a damaged file
-        reason = (str(e).strip().splitlines() or [""])[0][:120]
-        raise ConfigError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {reason})")
+        raise ConfigError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:120]})")
     changed = [k for k, v in vars(args).items() if k not in RUN_ONLY_FLAGS and saved.get(k) != v]
     if changed:
         raise ConfigError(f"--resume: {path} was written with different settings: "
@@ -1172,16 +1139,14 @@ def run_info(args, net, device, optimizers):
             "devices": [str(d) for d in net.devices], "torch": torch.__version__}
 
 
-# ----------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------
+# ---- Command line ----------------------------------------------------------------------------
 
 def int_list(text):
-    return tuple(int(v) for v in text.split(","))
+    return tuple(map(int, text.split(",")))
 
 
 def float_list(text):
-    return tuple(float(v) for v in text.split(","))
+    return tuple(map(float, text.split(",")))
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1243,8 +1208,7 @@ def main(argv=None):
     try:
         return run(parse_args(argv))
     except KeyboardInterrupt:
-        print("error: interrupted; last.pt in the output folder holds the last finished epoch (--resume continues "
-              "from it)", file=sys.stderr)
+        print("error: interrupted; last.pt in the output folder holds the last finished epoch (--resume continues)", file=sys.stderr)
         return 130
     except ConfigError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message
@@ -1374,14 +1338,12 @@ def describe(net, lr, device):
     aux_params = sum(p.numel() for p in net.aux.parameters())
     print(f"Swin: {backbone_params / 1e6:.2f} M parameters, auxiliary blocks {aux_params / 1e6:.2f} M | "
           f"K={len(net.specs)} {'end-to-end' if len(net.specs) == 1 else 'method ' + net.method} | lr {lr:.2e} | device {device}")
-    first = 1
+    bounds = (0, *net.ends, sum(len(stage) for stage in net.backbone.stages))  # module i: blocks bounds[i]+1 .. bounds[i+1]
     for i, spec in enumerate(net.specs):
-        blocks = sum(isinstance(m, SwinBlock) for m in spec.layers.modules())
         loss = "cross-entropy (eq. 3)" if i == len(net.specs) - 1 else (
             "cross-entropy" if net.method == "greedy-ce" else f"lambda {net.lambdas[i]:.2f}, mu {net.mus[i]:.2f} (eq. 2)")
-        print(f"  module {i + 1}: blocks {first}-{first + blocks - 1} | {spec.in_res}x{spec.in_res}x{spec.in_dim} -> "
+        print(f"  module {i + 1}: blocks {bounds[i] + 1}-{bounds[i + 1]} | {spec.in_res}x{spec.in_res}x{spec.in_dim} -> "
               f"{spec.out_res}x{spec.out_res}x{spec.out_dim} | {loss}")
-        first += blocks
 
 
 if __name__ == "__main__":

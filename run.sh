@@ -12,6 +12,7 @@
 #   ablation  the loss ablation on CIFAR-100, K=2: ours, greedy-ce, greedy-contrast, E2E
 #   svhn      SVHN, K=4 ours and E2E (needs scipy to read SVHN's .mat files)
 #   large     Swin-B and Swin-L at 384 px (window 12; Swin-L with a batch of 80): memory, then CIFAR-10 training
+#   gpu       one GPU, under 8 minutes: memory in fp32 and bf16, step time at batch 128, SDPA's kernel, --devices
 #   scaling   needs 4 GPUs: throughput of K=4 on one GPU against a module per GPU (--devices), then torchrun
 #
 # Extra flags after the group go to every command, e.g. `bash run.sh table3 --epochs 100 --amp bf16`.
@@ -205,7 +206,76 @@ memory)
   row ours-k4 "${m[@]}" --k 4
   row infopro-k4 "${m[@]}" --k 4 --method infopro
   row balanced-k4 "${m[@]}" --k 4 --split balanced
-  memory_table e2e ours-k2 ours-k4 infopro-k4 balanced-k4
+  row e2e-checkpoint "${m[@]}" --k 1 --checkpoint
+  row ours-k4-checkpoint "${m[@]}" --k 4 --checkpoint
+  row balanced-k4-checkpoint "${m[@]}" --k 4 --split balanced --checkpoint
+  memory_table e2e ours-k2 ours-k4 infopro-k4 balanced-k4 e2e-checkpoint ours-k4-checkpoint balanced-k4-checkpoint
+  # Finer checkpointing: the attention and the MLP of every block recomputed apart (not a flag; measured here only).
+  "$py" - "${MEMORY_BATCH:-32}" <<'EOF'
+import sys, torch, local_swin as L
+for name, ends in (("e2e", ()), ("ours-k4", (2, 4, 10))):
+    torch.manual_seed(0)
+    backbone = L.build_model("swin-t", 1000, 224)
+    for block in [m for m in backbone.modules() if isinstance(m, L.SwinBlock)]:
+        block.attn, block.mlp = L.Checkpointed(block.attn), L.Checkpointed(*block.mlp)
+    net = L.LocalSwin(backbone, ends)
+    optimizers, _ = L.make_optimizers(net, lr=1e-4, weight_decay=0.05, total_steps=10, warmup_steps=0)
+    r = L.measure_memory(net, optimizers, batch_size=int(sys.argv[1]), num_classes=1000, device=torch.device("cpu"), steps=2)
+    print(f"| {name}-checkpoint-attn-mlp-apart | {r['peak_memory_mib']:.0f} | {r['activation_memory_mib']:.0f} | "
+          f"| {r['step_gflop']:.0f} | | {r['step_time_s']:.3f} | |")
+EOF
+  ;;
+gpu)
+  # Everything a GPU can show, in under 8 minutes on one card, into runs/gpu/gpu.json: the memory table
+  # (torch.cuda.max_memory_allocated) in fp32 and bf16, step time and images/s at batch 128, the attention
+  # kernel SDPA picks for our windows (bias and mask as attn_mask, with gradient), and --devices with four
+  # modules on one card against one device.
+  mkdir -p "runs/$group"
+  "$py" - "runs/$group" <<'EOF'
+import json, subprocess, sys, torch, local_swin as L
+out, record = sys.argv[1], {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+def cli(name, *args):  # one local_swin.py run into out/name (replaced); its results.json
+    subprocess.run([sys.executable, "local_swin.py", "--out", f"{out}/{name}", "--overwrite", *args], check=True)
+    return json.load(open(f"{out}/{name}/results.json"))
+rows = {"e2e": ["--k", "1"], "ours-k2": ["--k", "2"], "ours-k4": ["--k", "4"], "infopro-k4": ["--k", "4", "--method", "infopro"],
+        "balanced-k4": ["--k", "4", "--split", "balanced"], "e2e-checkpoint": ["--k", "1", "--checkpoint"],
+        "ours-k4-checkpoint": ["--k", "4", "--checkpoint"], "balanced-k4-checkpoint": ["--k", "4", "--split", "balanced", "--checkpoint"]}
+keys = ("peak_memory_mib", "activation_memory_mib", "step_gflop", "step_time_s", "images_per_second", "split")
+for amp in ("none", "bf16"):
+    for batch in (32, 128):
+        for name, args in rows.items():
+            if batch == 128 and name not in ("e2e", "ours-k4"):
+                continue
+            r = cli(f"memory-{amp}-b{batch}-{name}", "--measure-memory", "--img-size", "224", "--batch-size", str(batch),
+                    "--max-steps", "5", "--amp", amp, *args)
+            record[f"memory {amp} b{batch} {name}"] = {k: r[k] for k in keys}
+            print(name, amp, batch, record[f"memory {amp} b{batch} {name}"], flush=True)
+# Which SDPA kernel runs: a stage-1 shifted-window attention of Swin-T at batch 32, forward and backward.
+attn = L.WindowAttention(dim=96, heads=3, resolution=56, window=7, shift=3).cuda()
+x = torch.randn(32, 56, 56, 96, device="cuda", requires_grad=True)
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    attn(x).sum().backward()
+    torch.cuda.synchronize()
+words = ("attention", "fmha", "flash", "sdpa", "softmax", "cudnn")
+record["sdpa kernels (stage-1 SW-MSA, fwd+bwd)"] = sorted({e.name for e in prof.events() if any(w in e.name.lower() for w in words)})
+from torch.nn.attention import SDPBackend, sdpa_kernel
+for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
+    try:
+        with sdpa_kernel(backend):
+            attn(x).sum().backward()
+        record[f"sdpa {backend.name} runs"] = True
+    except RuntimeError as e:
+        record[f"sdpa {backend.name} runs"] = str(e).splitlines()[0][:200]
+# --devices: four modules on one card must give exactly the one-device run.
+small = ["--dataset", "synthetic", "--img-size", "32", "--patch-size", "2", "--window-size", "4", "--embed-dim", "32",
+         "--depths", "2,2,2,2", "--heads", "1,2,4,8", "--epochs", "1", "--batch-size", "64", "--k", "4", "--log-every", "8"]
+cli("one-device", *small, "--device", "cuda:0")
+cli("four-modules-one-card", *small, "--devices", "cuda:0,cuda:0,cuda:0,cuda:0")
+logs = [[json.loads(line) for line in open(f"{out}/{n}/log.jsonl")] for n in ("one-device", "four-modules-one-card")]
+record["--devices cuda:0 x4 equals one device"] = [r["train_loss"] for r in logs[0]] == [r["train_loss"] for r in logs[1]]
+json.dump(record, open(f"{out}/gpu.json", "w"), indent=2)
+print(json.dumps(record, indent=2))
+EOF
   ;;
 table3)
   for ds in stl10 cifar10 cifar100; do
