@@ -618,6 +618,19 @@ def test_a_module_per_device_gives_the_same_run(tmp_path, capsys):
     assert json.loads((tmp_path / "three" / "results.json").read_text())["devices"] == ["cpu"] * 3
 
 
+def test_cli_checkpoint_composes_with_devices_and_amp(tmp_path, capsys):
+    """--checkpoint with a module per device and bf16 autocast: the run equals the same run
+    without it (the recomputation replays drop-path and autocast), and holds less memory."""
+    args = ["--k", "3", "--epochs", "1", "--devices", "cpu,cpu,cpu", "--amp", "bf16", "--drop-path", "0.3"]
+    assert run_cli(args, tmp_path / "plain", capsys)[0] == 0
+    code, cap = run_cli(args + ["--checkpoint"], tmp_path / "checkpoint", capsys)
+    assert code == 0, cap.err
+    plain, ckpt = [json.loads((tmp_path / d / "log.jsonl").read_text()) for d in ("plain", "checkpoint")]
+    assert plain["train_loss"] == pytest.approx(ckpt["train_loss"], rel=1e-3) and plain["test_acc"] == pytest.approx(ckpt["test_acc"], abs=1)
+    peaks = [json.loads((tmp_path / d / "results.json").read_text())["peak_memory_mib"] for d in ("plain", "checkpoint")]
+    assert peaks[1] < peaks[0], peaks
+
+
 def test_cli_balanced_split(tmp_path, capsys):
     code, cap = run_cli(["--k", "3", "--split", "balanced", "--measure-memory"], tmp_path, capsys)
     assert code == 0, cap.err
@@ -664,10 +677,10 @@ def test_data_parallel_keeps_every_process_identical(tmp_path):
 
 
 def test_cli_under_torchrun(tmp_path):
-    """The command line on synthetic with 2 gloo processes: at the end, every process holds
-    rank 0's parameters exactly (checked by broadcasting them), and rank 0 alone speaks."""
+    """The command line on synthetic with 2 gloo processes (and --checkpoint): at the end, every
+    process holds rank 0's parameters exactly (checked by broadcasting them), and rank 0 alone speaks."""
     done = torchrun([os.path.join(HERE, "local_swin.py"), *TINY_CLI, "--batch-size", "32", "--epochs", "1",
-                     "--max-steps", "4", "--out", str(tmp_path)])
+                     "--max-steps", "4", "--checkpoint", "--out", str(tmp_path)])
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["ranks_identical"] is True
