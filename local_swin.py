@@ -1051,7 +1051,7 @@ def train(args, net, optimizers, schedulers, scaler, data, device, amp_dtype):
                 scheduler.step()
             step += 1
             # From step 1 on, so that the ETA (an epoch's estimate, then the run's) shows at once.
-            if len(window) == args.log_every or done in (1, steps_per_epoch) or step == args.max_steps:
+            if done % args.log_every == 0 or done in (1, steps_per_epoch) or step == args.max_steps:
                 losses = torch.stack(window)
                 if world > 1:  # the mean over processes: every rank logs the same losses and stops together on a NaN
                     torch.distributed.all_reduce(losses)

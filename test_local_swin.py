@@ -584,15 +584,16 @@ def test_a_run_is_never_replaced_unasked(tmp_path, capsys):
 def test_the_first_minutes_say_what_happens(tmp_path, capsys, monkeypatch):
     """Before the first step: where the outputs go; after it: a progress line with an ETA. An epoch
     cut short by --max-steps is evaluated on as many images as it trained on, and says so."""
-    code, cap = run_cli(["--k", "2", "--epochs", "2", "--max-steps", "3", "--log-every", "100", "--val-split", "0.25"],
+    code, cap = run_cli(["--k", "2", "--epochs", "2", "--max-steps", "5", "--log-every", "2", "--val-split", "0.5"],
                         tmp_path, capsys)
     assert code == 0, cap.err
     lines = cap.out.splitlines()
     where = next(i for i, line in enumerate(lines) if f"into {tmp_path}/" in line)
-    first = next(i for i, line in enumerate(lines) if line.startswith("epoch 1/2 step 1/12 |"))
-    assert where < first and "ETA" in lines[first]
+    progress = [i for i, line in enumerate(lines) if line.startswith("epoch 1/2 step ")]
+    assert where < progress[0] and all("ETA" in lines[i] for i in progress)
+    assert [lines[i].split()[3] for i in progress] == ["1/8", "2/8", "4/8", "5/8"]  # step 1, every 2nd, the last
     record = json.loads((tmp_path / "log.jsonl").read_text())
-    assert record["test_images"] == record["val_images"] == 3 * 64 and "(first 192 images)" in cap.out
+    assert record["val_images"] == 5 * 64 and "(first 320 images)" in cap.out and record["test_images"] == 256
     clock = iter(range(0, 10**6, 16))  # 16 s between readings: a line every other batch
     monkeypatch.setattr(L.time, "perf_counter", lambda: next(clock))
     net = L.LocalSwin(L.build_model("swin-t", 10, img_size=32, patch_size=2, window_size=4, embed_dim=16,
