@@ -599,8 +599,7 @@ def make_optimizers(net, *, lr, weight_decay, total_steps, warmup_steps):
             {"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
             {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}], lr=lr)
         phases = [torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup_steps)] if warmup_steps else []
-        phases.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup_steps, 1),
-                                                                 eta_min=lr / 100))
+        phases.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup_steps, 1), eta_min=lr / 100))
         optimizers.append(optimizer)
         schedulers.append(torch.optim.lr_scheduler.SequentialLR(optimizer, phases, milestones=[warmup_steps][:len(phases) - 1]))
     return optimizers, schedulers
@@ -652,8 +651,7 @@ def evaluate(net, data, device, batch_size, amp_dtype=None, name=None):
     """Loss (plain cross-entropy) and top-1 accuracy (%) of the whole network on an ImageSet. With a
     name, a progress line every 30 s (a test set at 224 px takes minutes on a CPU)."""
     net.eval()
-    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-    shown = time.perf_counter()
+    loss_sum, correct, shown = torch.zeros((), device=device), torch.zeros((), device=device), time.perf_counter()
     for start in range(0, len(data), batch_size):
         if name and time.perf_counter() - shown > 30:
             print(f"  evaluating {name}: {start}/{len(data)} images", flush=True)
@@ -711,9 +709,8 @@ class PeakMemory:
     def __init__(self, devices, baseline=0):
         self.devices, self.baseline = sorted(set(devices), key=str), baseline
         self.meter = LiveTensorMeter() if self.devices[0].type == "cpu" else None
-        for device in self.devices:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+        for device in [d for d in self.devices if d.type == "cuda"]:
+            torch.cuda.reset_peak_memory_stats(device)
 
     def region(self):
         return self.meter if self.meter is not None else contextlib.nullcontext()
@@ -1334,9 +1331,8 @@ def run(args):
 
 def describe(net, lr, device):
     """What is about to be trained, in a few lines: the split and each module's shapes."""
-    backbone_params = sum(p.numel() for p in net.backbone.parameters())
-    aux_params = sum(p.numel() for p in net.aux.parameters())
-    print(f"Swin: {backbone_params / 1e6:.2f} M parameters, auxiliary blocks {aux_params / 1e6:.2f} M | "
+    millions = [sum(p.numel() for p in part.parameters()) / 1e6 for part in (net.backbone, net.aux)]
+    print(f"Swin: {millions[0]:.2f} M parameters, auxiliary blocks {millions[1]:.2f} M | "
           f"K={len(net.specs)} {'end-to-end' if len(net.specs) == 1 else 'method ' + net.method} | lr {lr:.2e} | device {device}")
     bounds = (0, *net.ends, sum(len(stage) for stage in net.backbone.stages))  # module i: blocks bounds[i]+1 .. bounds[i+1]
     for i, spec in enumerate(net.specs):
