@@ -768,7 +768,7 @@ def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3,
 
 def balanced_split(backbone, k, lambdas, *, batch_size, device, checkpoint=False, **net_options):
     """--split balanced: the cut points that make the largest module, with its auxiliary block, as
-    small as possible at this batch and image size (design note 3). Each block runs once on its own
+    small as possible at this batch and image size (README, Scaling). Each block runs once on its own
     detached input, so the search holds one block's graph at a time, and measures the bytes the
     block keeps for backward; one local step of each kind of auxiliary block measures its peak. A
     dynamic program over the cut points minimises the largest module. Returns the ends and each

@@ -211,31 +211,35 @@ memory)
   row balanced-k4-checkpoint "${m[@]}" --k 4 --split balanced --checkpoint
   memory_table e2e ours-k2 ours-k4 infopro-k4 balanced-k4 e2e-checkpoint ours-k4-checkpoint balanced-k4-checkpoint
   # Finer checkpointing: the attention and the MLP of every block recomputed apart (not a flag; measured here only).
-  "$py" - "${MEMORY_BATCH:-32}" <<'EOF'
-import sys, torch, local_swin as L
+  # On the device the other rows used (local_swin.py's --device, or its default), as ratios of their E2E row.
+  "$py" - "${MEMORY_BATCH:-32}" "${extra[@]}" <<'EOF'
+import json, sys, torch, local_swin as L
+device = torch.device(L.parse_args(sys.argv[2:]).device or ("cuda" if torch.cuda.is_available() else "cpu"))
+base = json.load(open("runs/memory/e2e/results.json"))
 for name, ends in (("e2e", ()), ("ours-k4", (2, 4, 10))):
     torch.manual_seed(0)
     backbone = L.build_model("swin-t", 1000, 224)
     for block in [m for m in backbone.modules() if isinstance(m, L.SwinBlock)]:
         block.attn, block.mlp = L.Checkpointed(block.attn), L.Checkpointed(*block.mlp)
-    net = L.LocalSwin(backbone, ends)
+    net = L.LocalSwin(backbone, ends).place([device] * (len(ends) + 1))
     optimizers, _ = L.make_optimizers(net, lr=1e-4, weight_decay=0.05, total_steps=10, warmup_steps=0)
-    r = L.measure_memory(net, optimizers, batch_size=int(sys.argv[1]), num_classes=1000, device=torch.device("cpu"), steps=2)
-    print(f"| {name}-checkpoint-attn-mlp-apart | {r['peak_memory_mib']:.0f} | {r['activation_memory_mib']:.0f} | "
-          f"| {r['step_gflop']:.0f} | | {r['step_time_s']:.3f} | |")
+    r = L.measure_memory(net, optimizers, batch_size=int(sys.argv[1]), num_classes=1000, device=device, steps=2)
+    print(f"| {name}-checkpoint-attn-mlp-apart | {r['peak_memory_mib']:.0f} | " + " | ".join(
+        f"{r[k]:.{p}f} | {r[k] / base[k]:.3f}" for k, p in (("activation_memory_mib", 0), ("step_gflop", 0), ("step_time_s", 3))) + " |")
 EOF
   ;;
 gpu)
-  # Everything a GPU can show, in under 8 minutes on one card, into runs/gpu/gpu.json: the memory table
+  # Everything a GPU can show, in under 8 minutes on one card, into runs/gpu/DATE-TIME/gpu.json: the memory table
   # (torch.cuda.max_memory_allocated) in fp32 and bf16, step time and images/s at batch 128, the attention
   # kernel SDPA picks for our windows (bias and mask as attn_mask, with gradient), and --devices with four
   # modules on one card against one device.
+  group=$group/$(date +%Y%m%d-%H%M%S)  # a benchmark measures afresh each time, beside the earlier ones
   mkdir -p "runs/$group"
   "$py" - "runs/$group" <<'EOF'
 import json, subprocess, sys, torch, local_swin as L
 out, record = sys.argv[1], {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-def cli(name, *args):  # one local_swin.py run into out/name (replaced); its results.json
-    subprocess.run([sys.executable, "local_swin.py", "--out", f"{out}/{name}", "--overwrite", *args], check=True)
+def cli(name, *args):  # one local_swin.py run into out/name; its results.json
+    subprocess.run([sys.executable, "local_swin.py", "--out", f"{out}/{name}", *args], check=True)
     return json.load(open(f"{out}/{name}/results.json"))
 rows = {"e2e": ["--k", "1"], "ours-k2": ["--k", "2"], "ours-k4": ["--k", "4"], "infopro-k4": ["--k", "4", "--method", "infopro"],
         "balanced-k4": ["--k", "4", "--split", "balanced"], "e2e-checkpoint": ["--k", "1", "--checkpoint"],
