@@ -101,11 +101,13 @@ cpu-table)
   # `ROWS="e2e ours-k4" SEEDS="1 2" bash run.sh cpu-table` (finished runs are skipped, see row()).
   declare -A rows=([e2e]="--k 1" [ours-k2]="--k 2" [ours-k4]="--k 4" [infopro-k4]="--k 4 --method infopro"
                    [greedy-ce-k4]="--k 4 --method greedy-ce" [greedy-contrast-k4]="--k 4 --method greedy-contrast"
-                   [ours-k4-deconv]="--k 4 --decoder deconv" [ours-k4-deconv4]="--k 4 --decoder deconv4")
-  for name in ${ROWS:-e2e ours-k4 infopro-k4 greedy-ce-k4 greedy-contrast-k4 ours-k2 ours-k4-deconv ours-k4-deconv4}; do
+                   [ours-k4-deconv]="--k 4 --decoder deconv" [ours-k4-deconv4]="--k 4 --decoder deconv4"
+                   [ours-k4-lambdas321]="--k 4 --lambdas 3,2,1" [infopro-k4-lambdas321]="--k 4 --method infopro --lambdas 3,2,1")
+  for name in ${ROWS:-e2e ours-k4 infopro-k4 greedy-ce-k4 greedy-contrast-k4 ours-k2 ours-k4-deconv ours-k4-deconv4 \
+               ours-k4-lambdas321 infopro-k4-lambdas321}; do
     [[ -n "${rows[$name]:-}" ]] || { echo "cpu-table: no row $name; rows: ${!rows[*]}"; exit 2; }
     seeds=${SEEDS:-0 1 2}
-    [[ $name == *deconv* ]] && seeds=${SEEDS:-0}  # the decoder rows: one seed each
+    [[ $name == *deconv* || $name == *lambdas* ]] && seeds=${SEEDS:-0}  # decoders and lambdas: one seed each
     for seed in $seeds; do
       row "$name-s$seed" "${small[@]}" --epochs "${EPOCHS:-10}" --crop-scale 0.8 --val-split 0.1 --seed "$seed" ${rows[$name]}
     done
