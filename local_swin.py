@@ -703,8 +703,8 @@ class LiveTensorMeter(TorchDispatchMode):
 class PeakMemory:
     """Peak training memory in bytes. CUDA: max_memory_allocated since this object was made
     (the largest over the devices, with a module per device). CPU: `baseline` (bytes live
-    before, e.g. the parameters) plus the LiveTensorMeter peak over the regions entered with
-    `region()`. Other devices: None."""
+    before: parameters, and the optimizer state of a resumed run) plus the LiveTensorMeter peak
+    over the regions entered with `region()`. Other devices: None."""
 
     def __init__(self, devices, baseline=0):
         self.devices, self.baseline = sorted(set(devices), key=str), baseline
@@ -1026,7 +1026,7 @@ def train(args, net, optimizers, schedulers, scaler, data, device, amp_dtype):
     if rank == 0:  # exactly the epochs the checkpoint has seen
         pathlib.Path(log_path).write_text("".join(json.dumps(record) + "\n" for record in history))
 
-    memory = PeakMemory(net.devices, baseline=tensor_bytes(list(net.parameters()) + list(net.buffers())))
+    memory = PeakMemory(net.devices, baseline=tensor_bytes([*net.parameters(), *net.buffers()]) + optimizer_state_bytes(optimizers))
     train_images, train_time, run_start = 0, 0.0, time.perf_counter()
     epoch = start_epoch
     while epoch < args.epochs and not (args.max_steps and step >= args.max_steps):
