@@ -1040,8 +1040,8 @@ def train(args, net, optimizers, schedulers, scaler, data, device, amp_dtype):
             part = order[((done - 1) * world + rank) * batch:][:batch]  # each process its own part of the global batch
             images = prepare_batch(train_set.images[part].to(device, non_blocking=True), img_size, generator, args.crop_scale)
             labels = train_set.labels[part].to(device, non_blocking=True)
-            # The meter (a Python hook on every operator on the CPU) reads the peak on each epoch's first step only.
-            with memory.region() if done == 1 else contextlib.nullcontext():
+            # The meter (a Python hook on every operator) reads each epoch's first two steps: the second holds the optimizer state.
+            with memory.region() if done <= 2 else contextlib.nullcontext():
                 losses = train_step(net, optimizers, images, labels, clip_grad=args.clip_grad, amp_dtype=amp_dtype, scaler=scaler)
             window.append(torch.stack([loss.float().to(device) for loss in losses]))  # on the device: no host sync
             for scheduler in schedulers:
