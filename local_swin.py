@@ -730,9 +730,9 @@ def tensor_bytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def optimizer_state_bytes(optimizers):
-    return tensor_bytes(v for opt in optimizers for state in opt.state.values()
-                        for v in state.values() if isinstance(v, torch.Tensor))
+def state_bytes(net, optimizers):  # what training keeps between steps: parameters, buffers, AdamW state
+    return tensor_bytes([*net.parameters(), *net.buffers()]) + tensor_bytes(
+        v for opt in optimizers for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor))
 
 
 def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3, **step_kwargs):
@@ -753,7 +753,7 @@ def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3,
         train_step(net, optimizers, images, labels, **step_kwargs)
     sync()
     step_time = (time.perf_counter() - start) / steps
-    state = tensor_bytes(list(net.parameters()) + list(net.buffers())) + optimizer_state_bytes(optimizers)
+    state = state_bytes(net, optimizers)
     memory = PeakMemory(net.devices, baseline=state + tensor_bytes([images, labels]))
     with memory.region():
         train_step(net, optimizers, images, labels, **step_kwargs)
@@ -1026,7 +1026,7 @@ def train(args, net, optimizers, schedulers, scaler, data, device, amp_dtype):
     if rank == 0:  # exactly the epochs the checkpoint has seen
         pathlib.Path(log_path).write_text("".join(json.dumps(record) + "\n" for record in history))
 
-    memory = PeakMemory(net.devices, baseline=tensor_bytes([*net.parameters(), *net.buffers()]) + optimizer_state_bytes(optimizers))
+    memory = PeakMemory(net.devices, baseline=state_bytes(net, optimizers))  # a resumed run's AdamW state is loaded already
     train_images, train_time, run_start = 0, 0.0, time.perf_counter()
     epoch = start_epoch
     while epoch < args.epochs and not (args.max_steps and step >= args.max_steps):
