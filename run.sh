@@ -102,9 +102,10 @@ cpu-table)
   declare -A rows=([e2e]="--k 1" [ours-k2]="--k 2" [ours-k4]="--k 4" [infopro-k4]="--k 4 --method infopro"
                    [greedy-ce-k4]="--k 4 --method greedy-ce" [greedy-contrast-k4]="--k 4 --method greedy-contrast"
                    [ours-k4-deconv]="--k 4 --decoder deconv" [ours-k4-deconv4]="--k 4 --decoder deconv4"
-                   [ours-k4-lambdas321]="--k 4 --lambdas 3,2,1" [infopro-k4-lambdas321]="--k 4 --method infopro --lambdas 3,2,1")
+                   [ours-k4-lambdas321]="--k 4 --lambdas 3,2,1" [infopro-k4-lambdas321]="--k 4 --method infopro --lambdas 3,2,1"
+                   [ours-k4-lambdas-x3]="--k 4 --lambdas 9,4.5,0" [infopro-k4-lambdas-x3]="--k 4 --method infopro --lambdas 9,4.5,0")
   for name in ${ROWS:-e2e ours-k4 infopro-k4 greedy-ce-k4 greedy-contrast-k4 ours-k2 ours-k4-deconv ours-k4-deconv4 \
-               ours-k4-lambdas321 infopro-k4-lambdas321}; do
+               ours-k4-lambdas321 infopro-k4-lambdas321 ours-k4-lambdas-x3 infopro-k4-lambdas-x3}; do
     [[ -n "${rows[$name]:-}" ]] || { echo "cpu-table: no row $name; rows: ${!rows[*]}"; exit 2; }
     seeds=${SEEDS:-0 1 2}
     [[ $name == *deconv* || $name == *lambdas* ]] && seeds=${SEEDS:-0}  # decoders and lambdas: one seed each
