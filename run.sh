@@ -104,10 +104,10 @@ cpu-table)
                    [ours-k4-deconv]="--k 4 --decoder deconv" [ours-k4-deconv4]="--k 4 --decoder deconv4"
                    [ours-k4-lambdas321]="--k 4 --lambdas 3,2,1" [infopro-k4-lambdas321]="--k 4 --method infopro --lambdas 3,2,1"
                    [ours-k4-lambdas-x3]="--k 4 --lambdas 9,4.5,0" [infopro-k4-lambdas-x3]="--k 4 --method infopro --lambdas 9,4.5,0"
-                   [ours-k4-tau0.2]="--k 4 --temperature 0.2")
+                   [ours-k4-tau0.2]="--k 4 --temperature 0.2" [ours-k4-bf16]="--k 4 --amp bf16")
   for name in ${ROWS:-e2e ours-k4 infopro-k4 greedy-ce-k4 greedy-contrast-k4 ours-k2 ours-k4-deconv ours-k4-deconv4 \
                ours-k4-lambdas321 infopro-k4-lambdas321 ours-k4-lambdas-x3 infopro-k4-lambdas-x3 \
-               ours-k4-tau0.2}; do
+               ours-k4-tau0.2 ours-k4-bf16}; do
     [[ -n "${rows[$name]:-}" ]] || { echo "cpu-table: no row $name; rows: ${!rows[*]}"; exit 2; }
     seeds=${SEEDS:-0 1 2}
     [[ $name == *-k4-* ]] && seeds=${SEEDS:-0}  # the variants of a row (decoder, weights, temperature): one seed each
