@@ -1267,17 +1267,17 @@ def run(args):
                            embed_dim=args.embed_dim, depths=args.depths, heads=args.heads, drop_path=args.drop_path)
     ends = resolve_split("paper" if args.split == "balanced" else args.split, args.k, [len(s) for s in backbone.stages])
     lambdas = lambda_mu_schedule(len(ends), args.lambdas, args.mus)[0]
-    if not args.measure_memory:
-        train_set, test_set = make_datasets(args.dataset, args.data_dir, args.img_size, not args.no_download, args.workers)
-        train_set, val_set = validation_split(train_set, args.val_split)
-        if len(train_set) < args.batch_size * world:
-            raise ConfigError(f"--batch-size {args.batch_size} x {world} processes is more than the {len(train_set)} training images")
     if args.pretrained:  # ImageNet weights everywhere but the classifier, which is sized for this data set
         shape = dict(zip(("embed_dim", "depths", "heads"), ARCHS[args.arch][:3]), patch_size=4, window_size=7, img_size=224)
         if any(getattr(args, key) not in (None, value) for key, value in shape.items()):
             raise ConfigError(f"--pretrained: torchvision's weights are for {args.arch} as published, at 224 px; "
                               "drop --img-size, --patch-size, --window-size, --embed-dim, --depths and --heads")
         load_torchvision_weights(backbone, pretrained_state_dict(args.arch), with_head=False)
+    if not args.measure_memory:
+        train_set, test_set = make_datasets(args.dataset, args.data_dir, args.img_size, not args.no_download, args.workers)
+        train_set, val_set = validation_split(train_set, args.val_split)
+        if len(train_set) < args.batch_size * world:
+            raise ConfigError(f"--batch-size {args.batch_size} x {world} processes is more than the {len(train_set)} training images")
     name = f"{args.arch}-k{len(ends) + 1}-{args.method}"
     args.out = args.out or os.path.join("runs", f"memory-{name}-b{args.batch_size}" if args.measure_memory else f"{args.dataset}-{name}")
     held = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]

@@ -86,7 +86,10 @@ def test_pretrained_offline_fails_with_one_line(tmp_path, capsys, monkeypatch):
     code = L.main(["--pretrained", "--measure-memory", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code != 0 and err.count("\n") == 1 and "could not fetch" in err and "checkpoints" in err, err
-    assert L.main(["--pretrained", "--arch", "swin-l", "--out", str(tmp_path / "out")]) != 0
+    # Refused before the data set is touched (it used to start downloading CIFAR-10 into --data-dir first).
+    code = L.main(["--pretrained", "--arch", "swin-l", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0 and "ImageNet weights for swin-t" in err and not (tmp_path / "data").exists(), err
 
 
 @pytest.mark.parametrize("resolution,window,shift", [(8, 4, 2), (12, 4, 2), (14, 7, 3), (6, 3, 1)])
