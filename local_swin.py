@@ -1267,7 +1267,7 @@ def run(args):
                            embed_dim=args.embed_dim, depths=args.depths, heads=args.heads, drop_path=args.drop_path)
     ends = resolve_split("paper" if args.split == "balanced" else args.split, args.k, [len(s) for s in backbone.stages])
     lambdas = lambda_mu_schedule(len(ends), args.lambdas, args.mus)[0]
-    if args.pretrained:  # ImageNet weights everywhere but the classifier, which is sized for this data set
+    if args.pretrained:  # before the data set: a refused --pretrained must not start a download; the classifier stays new
         shape = dict(zip(("embed_dim", "depths", "heads"), ARCHS[args.arch][:3]), patch_size=4, window_size=7, img_size=224)
         if any(getattr(args, key) not in (None, value) for key, value in shape.items()):
             raise ConfigError(f"--pretrained: torchvision's weights are for {args.arch} as published, at 224 px; "

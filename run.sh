@@ -110,7 +110,7 @@ cpu-table)
                ours-k4-tau0.2 ours-k4-bf16}; do
     [[ -n "${rows[$name]:-}" ]] || { echo "cpu-table: no row $name; rows: ${!rows[*]}"; exit 2; }
     seeds=${SEEDS:-0 1 2}
-    [[ $name == *-k4-* ]] && seeds=${SEEDS:-0}  # the variants of a row (decoder, weights, temperature): one seed each
+    [[ $name == *-k4-* ]] && seeds=${SEEDS:-0}  # a row's variants (decoder, weights, temperature, precision): one seed each
     for seed in $seeds; do
       row "$name-s$seed" "${small[@]}" --epochs "${EPOCHS:-10}" --crop-scale 0.8 --val-split 0.1 --seed "$seed" ${rows[$name]}
     done
