@@ -1,22 +1,24 @@
 """Local learning on a Swin Transformer via feature reconstruction, in one file.
 
 Reference implementation of Pathak, Zhang and Samaras, "Local Learning on Transformers via
-Feature Reconstruction" (arXiv 2212.14215, 2022), on top of the Swin Transformer of Liu et
-al. (arXiv 2103.14030). The network is cut into K gradient-isolated modules; module i < K
-learns from its own auxiliary block (a supervised contrastive loss plus a decoder that
-reconstructs the module's *input features*), module K from the usual cross-entropy. No
-gradient crosses a module boundary, so a module's graph is freed as soon as its loss has
-been backpropagated: peak training memory is that of the largest module, not of the net.
+Feature Reconstruction" (arXiv 2212.14215, 2022), on top of the Swin Transformer of Liu et al.
+(arXiv 2103.14030). The network is cut into K gradient-isolated modules; module i < K learns
+from its own auxiliary block (a supervised contrastive loss plus a decoder that reconstructs
+the module's *input features*), module K from the usual cross-entropy. No gradient crosses a
+module boundary, so a module's graph is freed as soon as its loss has been backpropagated.
 
-The file follows the paper: 3.1 Swin, 3.2-3.3 modules and split, 3.4 the auxiliary block,
-3.5 the losses, then the greedy training loop and the command line. "design note n" in a
+The method comes first, in the paper's order: 3.1 Swin, 3.2-3.3 the modules and the split,
+3.4 the auxiliary block, 3.5 the losses, then the greedy step and the optimizers. A reader of
+the paper can stop at the divider after them; the infrastructure follows (weight import,
+memory, balanced split, data, the run, parallelism, the command line). "design note n" in a
 comment points at the README's design notes, which decide every point the paper leaves open.
 
     python local_swin.py --dataset cifar10 --k 4
 """
 import argparse
 import contextlib
-import gc
+import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -27,7 +29,7 @@ import sys
 import time
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -43,25 +45,59 @@ from torchvision.transforms import v2
 
 
 class ConfigError(Exception):
-    """Bad input from the user: the command line prints it as one line and exits non-zero."""
+    """Bad input from the user: the command line prints it as one line and exits with 2."""
 
 
-# ---- Paper 3.1: the Swin Transformer backbone ------------------------------------------------
+@dataclass(frozen=True)
+class SwinShape:
+    """One of the Swin paper's architectures (design note 2)."""
+    embed_dim: int  # channels C of stage 1; they double at each patch merging
+    depths: tuple  # Swin blocks per stage
+    heads: tuple  # attention heads per stage
+    drop_path: float  # stochastic depth rate of the last block (ImageNet scale)
 
-# (embed_dim C, blocks per stage, heads per stage, stochastic depth rate); design note 2.
+
 ARCHS = {
-    "swin-t": (96, (2, 2, 6, 2), (3, 6, 12, 24), 0.2),
-    "swin-s": (96, (2, 2, 18, 2), (3, 6, 12, 24), 0.3),
-    "swin-b": (128, (2, 2, 18, 2), (4, 8, 16, 32), 0.5),
-    "swin-l": (192, (2, 2, 18, 2), (6, 12, 24, 48), 0.2),
+    "swin-t": SwinShape(96, (2, 2, 6, 2), (3, 6, 12, 24), 0.2),
+    "swin-s": SwinShape(96, (2, 2, 18, 2), (3, 6, 12, 24), 0.3),
+    "swin-b": SwinShape(128, (2, 2, 18, 2), (4, 8, 16, 32), 0.5),
+    "swin-l": SwinShape(192, (2, 2, 18, 2), (6, 12, 24, 48), 0.2),
 }
 
 
+@dataclass(frozen=True)
+class Defaults:
+    """Every default a reader needs, in one place: the paper's, or ours where it is silent."""
+    img_size: int = 224  # section 4: images resized to 224 px for Swin-T
+    patch_size: int = 4  # 3.1
+    window_size: int = 7  # 3.1; 12 at 384 px
+    aux_channels: int = 128  # 3.4, our choice: the conv block of each auxiliary block
+    projection_dim: int = 128  # 3.4: the contrastive head's output
+    decoder_channels: int = 16  # 3.4, our choice: narrow, as InfoPro's (design note 4)
+    lambdas: tuple = (3.0, 0.0)  # 3.5: lambda_i falls linearly from module 1 to K-1
+    mus: tuple = (1.0, 4.0)  # 3.5: mu_i rises linearly from module 1 to K-1
+    temperature: float = 0.07  # NT-Xent, InfoPro's value
+    k: int = 4  # modules
+    epochs: int = 300  # section 4: Swin's recipe (design note 6)
+    warmup_share: float = 1 / 15  # 20 of 300 epochs
+    batch_size: int = 128
+    lr_per_512: float = 5e-4  # the peak learning rate, scaled linearly with the batch
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    clip_grad: float = 5.0
+    crop_scale: float = 0.35  # our choice: the smallest area a random resized crop keeps
+
+
+PAPER = Defaults()
+
+
+# ---- Paper 3.1: the Swin Transformer backbone ----------------------------------------------
+
 def relative_position_index(window):
-    """(M*M, M*M) index into the (2M-1)^2-row bias table for every pair of tokens in a window."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
-    coords = rearrange(coords, "two h w -> (h w) two")
-    delta = coords[:, None, :] - coords[None, :, :] + (window - 1)  # each offset now in [0, 2M-2]
+    """(M*M, M*M): the row of the (2M-1)^2-row bias table for every pair of tokens in a window."""
+    rows, cols = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    coords = torch.stack([rows.flatten(), cols.flatten()], dim=1)  # (M*M, 2)
+    delta = coords[:, None, :] - coords[None, :, :] + (window - 1)  # each offset in [0, 2M-2]
     return delta[..., 0] * (2 * window - 1) + delta[..., 1]
 
 
@@ -73,19 +109,20 @@ def shifted_window_mask(resolution, window, shift):
     tokens of different regions were never neighbours. -100 (not -inf) as in the Swin code,
     which keeps the softmax finite and our logits equal to torchvision's.
     """
-    region = torch.zeros(resolution, resolution)
-    bounds = ((0, resolution - window), (resolution - window, resolution - shift), (resolution - shift, resolution))
+    r, m, s = resolution, window, shift
+    bounds = ((0, r - m), (r - m, r - s), (r - s, r))
+    region = torch.zeros(r, r)
     for i, (h0, h1) in enumerate(bounds):
         for j, (w0, w1) in enumerate(bounds):
             region[h0:h1, w0:w1] = 3 * i + j
-    region = rearrange(region, "(nh wh) (nw ww) -> (nh nw) (wh ww)", wh=window, ww=window)
+    region = rearrange(region, "(nh wh) (nw ww) -> (nh nw) (wh ww)", wh=m, ww=m)
     return (region[:, :, None] != region[:, None, :]).float() * -100.0
 
 
 class WindowAttention(nn.Module):
     """W-MSA (shift 0) or SW-MSA (shift M/2) with a learned relative-position bias.
 
-    Input and output are (B, H, W, C). The bias and the shift mask are added inside
+    Input and output are (B, H, W, C). The bias and the shift mask go into
     F.scaled_dot_product_attention as attn_mask, so a GPU can use a kernel that never stores
     the full attention matrix.
     """
@@ -95,27 +132,37 @@ class WindowAttention(nn.Module):
         self.heads, self.window, self.shift = heads, window, shift
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
+        table = torch.zeros((2 * window - 1) ** 2, heads)
+        self.relative_position_bias_table = nn.Parameter(table)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        # Derived from the shapes alone, so not saved in checkpoints.
-        self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
-        num_windows = (resolution // window) ** 2
-        mask = shifted_window_mask(resolution, window, shift) if shift else torch.zeros(num_windows, window**2, window**2)
+        # Both derive from the shapes alone, so they are not saved in checkpoints.
+        index = relative_position_index(window)
+        self.register_buffer("relative_position_index", index, persistent=False)
+        if shift:
+            mask = shifted_window_mask(resolution, window, shift)
+        else:
+            mask = torch.zeros((resolution // window) ** 2, window**2, window**2)
         self.register_buffer("mask", mask, persistent=False)
 
     def forward(self, x):
-        side = x.shape[1]
+        side, m = x.shape[1], self.window
         if self.shift:
             x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        windows = rearrange(x, "b (nh wh) (nw ww) c -> b (nh nw) (wh ww) c", wh=self.window, ww=self.window)
-        # Windows and heads share one batch axis so that SDPA sees 4-D tensors (fused kernels need them).
+        windows = rearrange(x, "b (nh wh) (nw ww) c -> b (nh nw) (wh ww) c", wh=m, ww=m)
         # chunk, not a "three" axis unbound: its backward is one cat, measurably faster on a CPU.
-        q, k, v = (rearrange(t, "b w n (h d) -> b (w h) n d", h=self.heads) for t in self.qkv(windows).chunk(3, dim=-1))
-        bias = rearrange(self.relative_position_bias_table[self.relative_position_index], "n m h -> h n m")
-        attn_mask = rearrange(self.mask[:, None] + bias[None], "w h n m -> 1 (w h) n m")  # broadcast over b
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype))  # scale 1/sqrt(d)
-        out = self.proj(rearrange(out, "b (w h) n d -> b w n (h d)", h=self.heads))
-        x = rearrange(out, "b (nh nw) (wh ww) c -> b (nh wh) (nw ww) c", nh=side // self.window, wh=self.window)
+        q, k, v = self.qkv(windows).chunk(3, dim=-1)
+        # Windows and heads share one batch axis: SDPA's fused kernels take 4-D tensors.
+        q = rearrange(q, "b w n (h d) -> b (w h) n d", h=self.heads)
+        k = rearrange(k, "b w n (h d) -> b (w h) n d", h=self.heads)
+        v = rearrange(v, "b w n (h d) -> b (w h) n d", h=self.heads)
+        bias = self.relative_position_bias_table[self.relative_position_index]  # (n, m, heads)
+        bias = rearrange(bias, "n m h -> h n m")
+        attn_mask = self.mask[:, None] + bias[None]  # (windows, heads, n, m)
+        attn_mask = rearrange(attn_mask, "w h n m -> 1 (w h) n m")  # broadcast over the batch
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype))
+        out = rearrange(out, "b (w h) n d -> b w n (h d)", h=self.heads)
+        out = self.proj(out)
+        x = rearrange(out, "b (nh nw) (wh ww) c -> b (nh wh) (nw ww) c", nh=side // m, wh=m)
         if self.shift:
             x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
         return x
@@ -127,10 +174,11 @@ class SwinBlock(nn.Module):
     def __init__(self, *, dim, heads, resolution, window, shift, drop_path):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim=dim, heads=heads, resolution=resolution, window=window, shift=shift)
+        self.attn = WindowAttention(dim=dim, heads=heads, resolution=resolution, window=window,
+                                    shift=shift)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-        self.drop_path = StochasticDepth(drop_path, "row")  # drops the whole residual branch per sample
+        self.drop_path = StochasticDepth(drop_path, "row")  # drops a sample's whole branch
 
     def forward(self, x):
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -149,8 +197,10 @@ class PatchEmbed(nn.Module):
     def forward(self, images):
         if images.shape[-3:] != (3, self.img_size, self.img_size):
             # The shift masks are built for one resolution; a wrong size would fail deep inside.
-            raise ValueError(f"expected images of shape (B, 3, {self.img_size}, {self.img_size}), got {tuple(images.shape)}")
-        return self.norm(rearrange(self.proj(images), "b c h w -> b h w c"))
+            raise ValueError(f"expected images of shape (B, 3, {self.img_size}, {self.img_size}), "
+                             f"got {tuple(images.shape)}")
+        x = rearrange(self.proj(images), "b c h w -> b h w c")
+        return self.norm(x)
 
 
 class PatchMerging(nn.Module):
@@ -162,8 +212,9 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x):
-        # Channel order (dw dh c) is the one of the Swin and torchvision code, so weights carry over.
-        return self.reduction(self.norm(rearrange(x, "b (h dh) (w dw) c -> b h w (dw dh c)", dh=2, dw=2)))
+        # Channel order (dw dh c) is the Swin and torchvision code's, so weights carry over.
+        x = rearrange(x, "b (h dh) (w dw) c -> b h w (dw dh c)", dh=2, dw=2)
+        return self.reduction(self.norm(x))
 
 
 class ClassifierHead(nn.Module):
@@ -178,38 +229,48 @@ class ClassifierHead(nn.Module):
         return self.fc(self.norm(x).mean(dim=(1, 2)))
 
 
+def stage_window(stage, resolution, window):
+    """(window, shift) of a stage: the window clipped to a grid no larger than it, and then no
+    shift (design note 2); a grid larger than the window must be a multiple of it."""
+    if resolution <= window:
+        return resolution, 0
+    if resolution % window:
+        raise ConfigError(f"stage {stage} has a {resolution} x {resolution} token grid, larger "
+                          f"than the {window} x {window} window but not a multiple of it; choose "
+                          "--img-size/--patch-size/--window-size so it is")
+    return window, window // 2
+
+
 class SwinTransformer(nn.Module):
     """Patch embedding, stages of (W-MSA, SW-MSA) block pairs with patch merging between, head."""
 
-    def __init__(self, *, num_classes, img_size, patch_size, window_size, embed_dim, depths, heads, drop_path):
+    def __init__(self, *, num_classes, img_size, patch_size, window_size, embed_dim, depths,
+                 heads, drop_path):
         super().__init__()
         if len(depths) != len(heads):
             raise ConfigError(f"--depths has {len(depths)} stages but --heads has {len(heads)}")
         if img_size % patch_size:
-            raise ConfigError(f"--img-size {img_size} is not a multiple of --patch-size {patch_size}")
+            raise ConfigError(f"--img-size {img_size} is not a multiple of --patch-size "
+                              f"{patch_size}")
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, dim=embed_dim)
-        rates = torch.linspace(0, drop_path, sum(depths)).tolist()  # stochastic depth rises linearly
+        rates = torch.linspace(0, drop_path, sum(depths)).tolist()  # rising linearly
         self.stages, self.merges = nn.ModuleList(), nn.ModuleList()
         self.dims, self.resolutions = [], []  # per stage; the split (3.3) reads them
         dim, res = embed_dim, img_size // patch_size
-        for s, (depth, h) in enumerate(zip(depths, heads)):
+        for s, (depth, h) in enumerate(zip(depths, heads), start=1):
             if dim % h:
-                raise ConfigError(f"stage {s + 1}: {dim} channels do not split into {h} heads")
-            window, shift = window_size, window_size // 2
-            if res <= window:  # clip the window to the stage, and then nothing is left to shift
-                window, shift = res, 0
-            elif res % window:
-                raise ConfigError(
-                    f"stage {s + 1} has a {res} x {res} token grid, larger than the {window} x {window} "
-                    f"window but not a multiple of it; choose --img-size/--patch-size/--window-size so it is")
-            blocks = [SwinBlock(dim=dim, heads=h, resolution=res, window=window, shift=0 if j % 2 == 0 else shift,
-                                drop_path=rates.pop(0)) for j in range(depth)]
+                raise ConfigError(f"stage {s}: {dim} channels do not split into {h} heads")
+            window, shift = stage_window(s, res, window_size)
+            blocks = [SwinBlock(dim=dim, heads=h, resolution=res, window=window,
+                                shift=shift if j % 2 else 0, drop_path=rates.pop(0))
+                      for j in range(depth)]
             self.stages.append(nn.Sequential(*blocks))
             self.dims.append(dim)
             self.resolutions.append(res)
-            if s < len(depths) - 1:
+            if s < len(depths):
                 if res % 2:
-                    raise ConfigError(f"stage {s + 1} has an odd {res} x {res} token grid: patch merging needs it even")
+                    raise ConfigError(f"stage {s} has an odd {res} x {res} token grid: "
+                                      "patch merging needs it even")
                 self.merges.append(PatchMerging(dim))
                 dim, res = 2 * dim, res // 2
         self.head = ClassifierHead(dim, num_classes)
@@ -228,72 +289,18 @@ class SwinTransformer(nn.Module):
         return self.head(x)
 
 
-def build_model(arch, num_classes, img_size=224, **overrides):
+def build_model(arch, num_classes, img_size=PAPER.img_size, **overrides):
     """Our SwinTransformer for `arch` (a key of ARCHS); overrides: patch_size, window_size,
-    embed_dim, depths, heads, drop_path. The window is 7, or 12 at 384 px (design note 2)."""
+    embed_dim, depths, heads, drop_path (None keeps the default)."""
     if arch not in ARCHS:
         raise ConfigError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    embed_dim, depths, heads, drop_path = ARCHS[arch]
-    config = dict(patch_size=4, window_size=12 if img_size == 384 else 7,
-                  embed_dim=embed_dim, depths=depths, heads=heads, drop_path=drop_path)
+    config = dict(patch_size=PAPER.patch_size, **dataclasses.asdict(ARCHS[arch]),
+                  window_size=12 if img_size == 384 else PAPER.window_size)
     config.update({key: value for key, value in overrides.items() if value is not None})
     return SwinTransformer(num_classes=num_classes, img_size=img_size, **config)
 
 
-def torchvision_key(key):
-    """The name torchvision's swin_t/s/b gives the tensor our state_dict calls `key`."""
-    key = re.sub(r"^stages\.(\d+)\.", lambda m: f"features.{2 * int(m[1]) + 1}.", key)
-    key = re.sub(r"^merges\.(\d+)\.", lambda m: f"features.{2 * int(m[1]) + 2}.", key)
-    key = key.replace(".mlp.2.", ".mlp.3.")  # torchvision's MLP has a Dropout after the GELU
-    for ours, theirs in (("patch_embed.proj.", "features.0.0."), ("patch_embed.norm.", "features.0.2."),
-                         ("head.norm.", "norm."), ("head.fc.", "head.")):
-        if key.startswith(ours):
-            return theirs + key[len(ours):]
-    return key
-
-
-def load_torchvision_weights(model, state_dict, with_head=True):
-    """Copy the weights of torchvision's swin_t/swin_s/swin_b into our model (as nanoGPT's
-    from_pretrained does): every key mapped, counts and shapes checked, copied without grad.
-    with_head=False leaves our classifier (sized for another data set's classes) as it is."""
-    ours = {k: v for k, v in model.state_dict().items() if with_head or not k.startswith("head.fc.")}
-    theirs = {k: v for k, v in state_dict.items()
-              if not k.endswith("relative_position_index") and (with_head or not k.startswith("head."))}
-    if len(ours) != len(theirs):
-        raise ConfigError(f"our model has {len(ours)} tensors, the torchvision state_dict {len(theirs)}: "
-                          "not the same architecture")
-    with torch.no_grad():
-        for key, tensor in ours.items():
-            source = theirs.get(torchvision_key(key))
-            if source is None or source.shape != tensor.shape:
-                found = "missing" if source is None else tuple(source.shape)
-                raise ConfigError(f"{key}: expected {tuple(tensor.shape)} at {torchvision_key(key)}, found {found}")
-            tensor.copy_(source)
-    # We recompute the relative-position index; it must be the one torchvision stored.
-    for name, buffer in model.named_buffers():
-        if name.endswith("relative_position_index") and torchvision_key(name) in state_dict:
-            assert torch.equal(buffer.flatten(), state_dict[torchvision_key(name)].flatten().to(buffer.device))
-    return model
-
-
-TORCHVISION_WEIGHTS = {"swin-t": "Swin_T_Weights", "swin-s": "Swin_S_Weights", "swin-b": "Swin_B_Weights"}
-
-
-def pretrained_state_dict(arch):
-    """torchvision's ImageNet-1k weights for `arch`, fetched once through its weights API."""
-    if arch not in TORCHVISION_WEIGHTS:
-        raise ConfigError(f"--pretrained: torchvision has ImageNet weights for {', '.join(TORCHVISION_WEIGHTS)} only")
-    from torchvision.models import get_weight
-    weights = get_weight(f"{TORCHVISION_WEIGHTS[arch]}.IMAGENET1K_V1")
-    try:
-        return weights.get_state_dict(progress=True, check_hash=True)
-    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), or a damaged download
-        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-        raise ConfigError(f"--pretrained: could not fetch {weights.url} ({getattr(e, 'reason', e)}); torchvision "
-                          f"caches weights in {cache}: put {os.path.basename(weights.url)} there to use them offline")
-
-
-# ---- Paper 3.2-3.3: gradient-isolated modules and where to cut -------------------------------
+# ---- Paper 3.2-3.3: gradient-isolated modules and where to cut -----------------------------
 
 def resolve_split(split, k, depths):
     """Module ends as block counts: module i holds blocks ends[i-1]+1 .. ends[i] (numbered
@@ -303,18 +310,20 @@ def resolve_split(split, k, depths):
         try:
             ends = tuple(int(b) for b in split.split(","))
         except ValueError:
-            raise ConfigError(f"--split {split!r} is not 'paper', 'balanced' or a comma-separated list of block numbers")
+            raise ConfigError(f"--split {split!r} is not 'paper', 'balanced' or a "
+                              "comma-separated list of block numbers")
         if any(b <= a for a, b in zip(ends, ends[1:])) or ends[0] < 1 or ends[-1] >= n:
-            raise ConfigError(f"--split {split}: module ends must increase strictly within 1..{n - 1} "
-                              f"(the model has {n} blocks; the last module ends at block {n})")
+            raise ConfigError(f"--split {split}: module ends must increase strictly within "
+                              f"1..{n - 1} (the model has {n} blocks; the last module ends at "
+                              f"block {n})")
         if k is not None and k != len(ends) + 1:
             raise ConfigError(f"--split {split} makes {len(ends) + 1} modules but --k is {k}")
         return ends
-    k = 4 if k is None else k
+    k = PAPER.k if k is None else k
     if not 1 <= k <= n:
         raise ConfigError(f"--k {k}: must be between 1 and the number of blocks, {n}")
     if tuple(depths) == (2, 2, 6, 2) and k in (2, 4):
-        # design note 3: the paper's Swin-T splits, by stage: K=4 one stage per module, K=2 stage 1 | 2-4.
+        # design note 3, the paper's Swin-T splits by stage: K=4 a stage per module, K=2 1 | 2-4.
         return (2, 4, 10) if k == 4 else (2,)
     sizes = [n // k + (i < n % k) for i in range(k)]  # K contiguous runs of nearly equal length
     return tuple(sum(sizes[:i + 1]) for i in range(k - 1))
@@ -338,93 +347,105 @@ def block_units(model):
     for s, stage in enumerate(model.stages):
         for block in stage:
             if block is stage[-1] and s < len(model.merges):
-                units.append(([block, model.merges[s]], 2 * model.dims[s], model.resolutions[s] // 2))
+                units.append(([block, model.merges[s]], 2 * model.dims[s],
+                              model.resolutions[s] // 2))
             else:
                 units.append(([block], model.dims[s], model.resolutions[s]))
     return units
 
 
 class Checkpointed(nn.Sequential):
-    """--checkpoint (design note 8): a unit of block_units whose activations are recomputed in the
-    backward pass instead of kept; only its input stays alive. Non-reentrant checkpointing
-    restores the random state, so drop-path drops the same paths when it recomputes."""
+    """--checkpoint (design note 8): layers whose activations are recomputed in the backward
+    pass instead of kept; only their input stays alive. Non-reentrant checkpointing restores
+    the random state, so drop-path drops the same paths when it recomputes."""
 
-    def forward(self, x):  # (nothing to recompute without grad, in evaluation)
-        run = super().forward
-        return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False) if torch.is_grad_enabled() else run(x)
+    def forward(self, x):
+        if not torch.is_grad_enabled():  # nothing to recompute in evaluation
+            return super().forward(x)
+        return torch.utils.checkpoint.checkpoint(super().forward, x, use_reentrant=False)
 
 
 def split_backbone(model, ends, checkpoint=False):
     """Cut the backbone after the given block counts. A patch merging goes with the block that
-    ends its stage; module 1 starts after the patch embedding (its LocalStep runs that first, so
-    that x_0 is the embedding) and module K ends with the classifier head."""
+    ends its stage; module 1's input is the patch embedding (its LocalModule runs that first)
+    and module K ends with the classifier head."""
     units = block_units(model)
     bounds = [0, *ends, len(units)]
     shapes = [(model.dims[0], model.resolutions[0])] + [(dim, res) for _, dim, res in units]
     specs = []
     for a, b in zip(bounds, bounds[1:]):
-        layers = [layer for unit, _, _ in units[a:b] for layer in ([Checkpointed(*unit)] if checkpoint else unit)]
-        layers += [model.head] if b == len(units) else []
+        layers = []
+        for unit, _, _ in units[a:b]:
+            layers += [Checkpointed(*unit)] if checkpoint else unit
+        if b == len(units):
+            layers.append(model.head)
         specs.append(ModuleSpec(nn.Sequential(*layers), *shapes[a], *shapes[b]))
     return specs
 
 
-# ---- Paper 3.4: the auxiliary block f_i ------------------------------------------------------
+# ---- Paper 3.4: the auxiliary block f_i ----------------------------------------------------
 
 DECODERS = ("interp", "deconv", "deconv4")
 
 
-def make_decoder(kind, in_ch, out_ch, upscale, width=16):
+def make_decoder(kind, in_ch, out_ch, upscale, channels=PAPER.decoder_channels):
     """Reconstruction head: (B, in_ch, h, w) -> logits (B, out_ch, h*upscale, w*upscale).
 
-    The exact layers are our choice (design note 4). `width` is kept narrow (InfoPro uses 12-32)
+    The exact layers are our choice (design note 4). `channels` is narrow (InfoPro uses 12-32)
     because the decoder runs at the target's resolution, where every channel is costly.
     """
     if kind == "interp":
         # InfoPro's structure. The 1x1 reduction first is the same linear map as after the
         # bilinear upsampling (both are linear), but runs at the low resolution: cheaper.
+        upsample = nn.Identity()
+        if upscale > 1:
+            upsample = nn.Upsample(scale_factor=upscale, mode="bilinear", align_corners=False)
         return nn.Sequential(
-            nn.Conv2d(in_ch, width, 1, bias=False),
-            nn.Upsample(scale_factor=upscale, mode="bilinear", align_corners=False) if upscale > 1 else nn.Identity(),
-            nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, out_ch, 3, padding=1))
-    if kind in ("deconv", "deconv4"):
-        steps = int(math.log2(upscale))
-        if 2**steps != upscale:
-            raise ConfigError(f"--decoder {kind} upsamples by 2 per layer; it cannot reach a factor of {upscale}")
-        kernel, padding = (2, 0) if kind == "deconv" else (4, 1)
-        layers, ch = [], in_ch
-        for _ in range(steps):
-            layers += [nn.ConvTranspose2d(ch, width, kernel, stride=2, padding=padding, bias=False),
-                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-            ch = width
-        return nn.Sequential(*layers, nn.Conv2d(ch, out_ch, 1))
-    raise ConfigError(f"unknown --decoder {kind!r}; choose one of {', '.join(DECODERS)}")
+            nn.Conv2d(in_ch, channels, 1, bias=False), upsample,
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True), nn.Conv2d(channels, out_ch, 3, padding=1))
+    if kind not in DECODERS:
+        raise ConfigError(f"unknown --decoder {kind!r}; choose one of {', '.join(DECODERS)}")
+    steps = int(math.log2(upscale))
+    if 2**steps != upscale:
+        raise ConfigError(f"--decoder {kind} upsamples by 2 per layer; it cannot reach a factor "
+                          f"of {upscale}")
+    kernel, padding = (2, 0) if kind == "deconv" else (4, 1)
+    layers, ch = [], in_ch
+    for _ in range(steps):
+        layers += [nn.ConvTranspose2d(ch, channels, kernel, stride=2, padding=padding, bias=False),
+                   nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+        ch = channels
+    return nn.Sequential(*layers, nn.Conv2d(ch, out_ch, 1))
 
 
 class AuxBlock(nn.Module):
-    """f_i: LayerNorm, a conv block reducing the channels (our choice: 3x3 conv to 128,
+    """f_i's network: LayerNorm, a conv block reducing the channels (our choice: 3x3 conv,
     BatchNorm, ReLU), then a contrastive head (pool, 2-layer MLP, L2-normalised) and, if
     `target_dim`, a decoder reconstructing a (target_dim, h*upscale, w*upscale) map."""
 
-    def __init__(self, *, in_dim, target_dim=None, upscale=1, decoder="interp", width=128, proj_dim=128):
+    def __init__(self, *, in_dim, target_dim=None, upscale=1, decoder="interp",
+                 channels=PAPER.aux_channels, projection_dim=PAPER.projection_dim):
         super().__init__()
         self.norm = nn.LayerNorm(in_dim)
-        self.conv = nn.Sequential(nn.Conv2d(in_dim, width, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(width), nn.ReLU(inplace=True))
-        self.projector = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, proj_dim))
-        self.decoder = make_decoder(decoder, width, target_dim, upscale) if target_dim else None
+        self.conv = nn.Sequential(nn.Conv2d(in_dim, channels, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        self.projector = nn.Sequential(nn.Linear(channels, channels), nn.ReLU(inplace=True),
+                                       nn.Linear(channels, projection_dim))
+        self.decoder = None
+        if target_dim:
+            self.decoder = make_decoder(decoder, channels, target_dim, upscale)
 
     def forward(self, x):
-        """x_i (B, h, w, c) -> (z (B, proj_dim) unit vectors, reconstruction logits or None)."""
+        """x_i (B, h, w, c) -> (z: (B, projection_dim) unit vectors, reconstruction or None)."""
         h = self.conv(rearrange(self.norm(x), "b h w c -> b c h w"))
         z = F.normalize(self.projector(h.mean(dim=(2, 3))), dim=1)
         return z, (self.decoder(h) if self.decoder is not None else None)
 
 
-# ---- Paper 3.5: the losses (eq. 1-3) ---------------------------------------------------------
+# ---- Paper 3.5: the losses (eq. 1-3) and the local module that owns its loss ---------------
 
-def supervised_nt_xent(z, labels, temperature=0.07):
+def supervised_nt_xent(z, labels, temperature=PAPER.temperature):
     """L^xy: NT-Xent in its supervised form (Chen et al. 2020; Khosla et al. 2020, as in
     InfoPro). z: (B, d) unit vectors, one view per sample. For each anchor, every other sample
     of its class is a positive and all other samples are the denominator; the anchor itself is
@@ -445,141 +466,181 @@ def reconstruction_bce(logits, target):
 
 
 def lambda_mu_schedule(num_aux, lambdas=None, mus=None):
-    """Weights of eq. 2 for modules 1..K-1 (design note 5): linear from (3.0, 1.0) at module 1 to
-    (0.0, 4.0) at module K-1; a single auxiliary module gets (3.0, 1.0)."""
+    """Weights of eq. 2 for modules 1..K-1 (design note 5): linear from (3.0, 1.0) at module 1
+    to (0.0, 4.0) at module K-1; a single auxiliary module gets (3.0, 1.0)."""
     steps = [i / (num_aux - 1) if num_aux > 1 else 0.0 for i in range(num_aux)]
-    lambdas = [3.0 - 3.0 * t for t in steps] if lambdas is None else list(lambdas)
-    mus = [1.0 + 3.0 * t for t in steps] if mus is None else list(mus)
+    (l0, l1), (m0, m1) = PAPER.lambdas, PAPER.mus
+    lambdas = [l0 + (l1 - l0) * t for t in steps] if lambdas is None else list(lambdas)
+    mus = [m0 + (m1 - m0) * t for t in steps] if mus is None else list(mus)
     for name, values in (("--lambdas", lambdas), ("--mus", mus)):
         if len(values) != num_aux:
-            raise ConfigError(f"{name} has {len(values)} values; K={num_aux + 1} modules need {num_aux} (one per module 1..K-1)")
+            raise ConfigError(f"{name} has {len(values)} values; K={num_aux + 1} modules need "
+                              f"{num_aux} (one per module 1..K-1)")
     return lambdas, mus
 
 
+class InputTarget(nn.Module):
+    """Ours: module i reconstructs its input x_{i-1}, detached. Features are not in [0, 1], so
+    BCE scores the decoder's logits against sigmoid(x_{i-1}) (design note 5)."""
+
+    def forward(self, x_in, images):
+        return torch.sigmoid(rearrange(x_in.detach(), "b h w c -> b c h w"))
+
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class ImageTarget(nn.Module):
+    """InfoPro: every module reconstructs the input image, de-normalised to [0, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        mean_std = torch.tensor([IMAGENET_MEAN, IMAGENET_STD]).view(2, 1, 3, 1, 1)
+        self.register_buffer("mean_std", mean_std, persistent=False)  # moves with the module
+
+    def forward(self, x_in, images):
+        mean, std = self.mean_std
+        return (images * std + mean).clamp(0, 1)
+
+
+class ReconstructContrastLoss(nn.Module):
+    """f_i for i < K: L_i = f_i(x_i, x_{i-1}, y) = lambda_i L^xx + mu_i L^xy (eq. 1-2). `head`
+    is the AuxBlock; `target` the map its decoder reconstructs (none when lambda_i = 0)."""
+
+    def __init__(self, head, *, lam, mu, target=None, temperature=PAPER.temperature):
+        super().__init__()
+        self.head, self.target = head, target
+        self.lam, self.mu, self.temperature = lam, mu, temperature
+
+    def forward(self, x_out, x_in, images, labels):
+        z, recon = self.head(x_out)
+        l_con = supervised_nt_xent(z, labels, self.temperature)
+        l_rec = 0.0
+        if recon is not None:
+            l_rec = reconstruction_bce(recon, self.target(x_in, images).to(recon.dtype))
+        return self.lam * l_rec + self.mu * l_con  # eq. 2
+
+
+class ClassifierLoss(nn.Module):
+    """Cross-entropy with label smoothing: eq. 3 for module K, L_K = CE(H(g_K(x_{K-1})), y),
+    whose layers end with H (head None); greedy-CE's local loss with `head` a ClassifierHead."""
+
+    def __init__(self, head=None, label_smoothing=PAPER.label_smoothing):
+        super().__init__()
+        self.head, self.label_smoothing = head, label_smoothing
+
+    def forward(self, x_out, x_in, images, labels):
+        logits = x_out if self.head is None else self.head(x_out)
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+
+
 METHODS = ("ours", "infopro", "greedy-ce", "greedy-contrast")
 
 
+def auxiliary_loss(method, spec, *, lam, mu, num_classes, img_size, decoder="interp",
+                   temperature=PAPER.temperature, label_smoothing=PAPER.label_smoothing):
+    """Module i's local loss for i < K. The method picks it once, here (design note 5): ours
+    (reconstruct x_{i-1} + contrast), infopro (reconstruct the image + contrast), greedy-ce
+    (pool + linear classifier), greedy-contrast (contrast only: lambda_i = 0)."""
+    if method == "greedy-ce":
+        return ClassifierLoss(ClassifierHead(spec.out_dim, num_classes), label_smoothing)
+    weights = dict(lam=lam, mu=mu, temperature=temperature)
+    if lam == 0:  # nothing to reconstruct: no decoder to pay for
+        return ReconstructContrastLoss(AuxBlock(in_dim=spec.out_dim), **weights)
+    if method == "infopro":  # the whole image, from x_i, upsampled to the image size
+        head = AuxBlock(in_dim=spec.out_dim, target_dim=3, upscale=img_size // spec.out_res,
+                        decoder=decoder)
+        return ReconstructContrastLoss(head, target=ImageTarget(), **weights)
+    head = AuxBlock(in_dim=spec.out_dim, target_dim=spec.in_dim,
+                    upscale=spec.in_res // spec.out_res, decoder=decoder)
+    return ReconstructContrastLoss(head, target=InputTarget(), **weights)
+
+
+class LocalModule(nn.Module):
+    """Module g_i with its local loss: forward(x_{i-1}, images, labels) -> (x_i, L_i). It owns
+    exactly what optimizer i updates (the patch embedding for i = 1, module i's layers, its
+    auxiliary block), so DistributedDataParallel can wrap each module on its own."""
+
+    def __init__(self, layers, loss, stem=None):
+        super().__init__()
+        self.stem, self.layers, self.loss = stem, layers, loss
+
+    def features(self, x):
+        """x_{i-1} (images for module 1) -> x_i, without the loss."""
+        return self.layers(x if self.stem is None else self.stem(x))
+
+    def forward(self, x, images, labels):
+        x_in = x if self.stem is None else self.stem(x)  # x_0 is the patch embedding
+        x_out = self.layers(x_in)
+        return x_out, self.loss(x_out, x_in, images, labels)
+
+
+def device_of(module):
+    return next(module.parameters()).device
+
+
 class LocalSwin(nn.Module):
-    """The backbone cut into K modules, with an auxiliary head for each module but the last.
+    """The backbone cut into K LocalModules (`local_modules`, in order). Called on images, they
+    run in sequence: the same function as backbone(images). The parameters are registered
+    once, in `backbone` and `aux` (the auxiliary losses of modules 1..K-1)."""
 
-    `method` (design note 5): ours (reconstruct x_{i-1} + contrast), infopro (reconstruct the
-    image + contrast), greedy-ce (pool + linear classifier), greedy-contrast (contrast only).
-    """
-
-    def __init__(self, backbone, ends, *, method="ours", decoder="interp", lambdas=None, mus=None,
-                 temperature=0.07, label_smoothing=0.1, checkpoint=False):
+    def __init__(self, backbone, ends, *, method="ours", decoder="interp", lambdas=None,
+                 mus=None, temperature=PAPER.temperature,
+                 label_smoothing=PAPER.label_smoothing, checkpoint=False):
         super().__init__()
         if method not in METHODS:
             raise ConfigError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
         if decoder not in DECODERS:  # checked here too: with K = 1 no decoder is ever built
             raise ConfigError(f"unknown --decoder {decoder!r}; choose one of {', '.join(DECODERS)}")
         self.backbone, self.ends, self.method = backbone, tuple(ends), method
-        self.specs = split_backbone(backbone, self.ends, checkpoint)  # views: the parameters live in backbone
+        self.specs = split_backbone(backbone, self.ends, checkpoint)
         self.lambdas, self.mus = lambda_mu_schedule(len(self.specs) - 1, lambdas, mus)
         if method == "greedy-contrast":
             self.lambdas = [0.0] * len(self.lambdas)
-        self.temperature, self.label_smoothing = temperature, label_smoothing
-        self.aux = nn.ModuleList()
-        img_size = backbone.patch_embed.img_size
-        for spec, lam in zip(self.specs, self.lambdas):  # modules 1..K-1; module K has the classifier head
-            if method == "greedy-ce":
-                head = ClassifierHead(spec.out_dim, backbone.head.fc.out_features)
-            elif lam == 0:  # nothing to reconstruct (greedy-contrast, or lambda_i = 0): no decoder to pay for
-                head = AuxBlock(in_dim=spec.out_dim)
-            elif method == "infopro":  # the whole image, from x_i, upsampled to the image size
-                head = AuxBlock(in_dim=spec.out_dim, target_dim=3, upscale=img_size // spec.out_res, decoder=decoder)
-            else:
-                head = AuxBlock(in_dim=spec.out_dim, target_dim=spec.in_dim, upscale=spec.in_res // spec.out_res,
-                                decoder=decoder)
-            self.aux.append(head)
-        # InfoPro's target is the image de-normalised to [0, 1]; kept here, not rebuilt every step.
-        self.register_buffer("image_mean_std", torch.tensor([IMAGENET_MEAN, IMAGENET_STD]).view(2, 1, 3, 1, 1),
-                             persistent=False)
-        self.devices = [torch.device("cpu")] * len(self.specs)  # where each module lives: see place()
-        self.steps = [LocalStep(self, i) for i in range(len(self.specs))]  # a list: no second registration
+        num_classes, img_size = backbone.head.fc.out_features, backbone.patch_embed.img_size
+        self.aux = nn.ModuleList(
+            auxiliary_loss(method, spec, lam=lam, mu=mu, num_classes=num_classes,
+                           img_size=img_size, decoder=decoder, temperature=temperature,
+                           label_smoothing=label_smoothing)
+            for spec, lam, mu in zip(self.specs, self.lambdas, self.mus))
+        losses = [*self.aux, ClassifierLoss(label_smoothing=label_smoothing)]
+        stems = [backbone.patch_embed] + [None] * (len(self.specs) - 1)
+        self.local_modules = [LocalModule(spec.layers, loss, stem)  # a list: not registered twice
+                              for spec, loss, stem in zip(self.specs, losses, stems)]
 
-    def place(self, devices):
-        """Put module i, with its auxiliary block and optimizer state to come, on devices[i]
-        (module 1 also gets the patch embedding). Call before making the optimizers."""
-        if len(devices) != len(self.specs):
-            raise ConfigError(f"--devices names {len(devices)} devices for {len(self.specs)} modules: give one per module")
-        self.devices = [torch.device(d) for d in devices]
-        for step, device in zip(self.steps, self.devices):
-            step.to(device)
-        self.image_mean_std = self.image_mean_std.to(self.devices[0])
-        return self
+    @property
+    def devices(self):
+        return [device_of(module) for module in self.local_modules]
 
     def forward(self, images):
-        """At test time the modules simply run in sequence (the same function as backbone(images))."""
-        x = self.backbone.patch_embed(images.to(self.devices[0]))
-        for spec, device in zip(self.specs, self.devices):
-            x = spec.layers(x.to(device, non_blocking=True))
+        x = images
+        for module in self.local_modules:
+            x = module.features(x.to(device_of(module), non_blocking=True))
         return x
 
-    def module_parameters(self, i):
-        """What optimizer i updates: module i's layers (and the patch embedding for module 1)
-        together with its auxiliary block."""
-        return list(self.steps[i].parameters())
 
-    def local_loss(self, i, x_in, x_out, images, labels):
-        """Module i's loss. x_in = x_{i-1}, x_out = g_i(x_{i-1}) (logits for the last module)."""
-        labels = labels.to(x_out.device, non_blocking=True)
-        if i == len(self.specs) - 1:  # eq. 3: L_K = CE(H(g_K(x_{K-1})), y)
-            return F.cross_entropy(x_out, labels, label_smoothing=self.label_smoothing)
-        if self.method == "greedy-ce":
-            return F.cross_entropy(self.aux[i](x_out), labels, label_smoothing=self.label_smoothing)
-        z, recon = self.aux[i](x_out)  # eq. 1: L_i = f_i(x_i, x_{i-1}, y)
-        l_con = supervised_nt_xent(z, labels, self.temperature)
-        if recon is None:
-            return self.mus[i] * l_con
-        if self.method == "infopro":
-            mean, std = self.image_mean_std.to(x_out.device, non_blocking=True)  # a no-op on one device
-            target = (images.to(x_out.device) * std + mean).clamp(0, 1)
-        else:
-            # Our choice: features are not in [0, 1], so BCE scores the logits against sigmoid(x_{i-1}).
-            target = torch.sigmoid(rearrange(x_in.detach(), "b h w c -> b c h w"))
-        l_rec = reconstruction_bce(recon, target.to(recon.dtype))
-        return self.lambdas[i] * l_rec + self.mus[i] * l_con  # eq. 2
+# ---- Greedy training (paper 3.2-3.3): one module at a time ---------------------------------
 
-
-# ---- Greedy training (paper 3.2-3.3): one module at a time -----------------------------------
-
-class LocalStep(nn.Module):
-    """Module g_i with its local loss as one nn.Module: forward(x_{i-1}, images, labels) returns
-    (x_i, L_i). It owns exactly module i's parameters (with the patch embedding for i = 0 and
-    its auxiliary block), so that DistributedDataParallel can wrap each module on its own and
-    each wrapper sees one backward per step."""
-
-    def __init__(self, net, i):
-        super().__init__()
-        self.i, self.net = i, [net]  # in a list, so that net's parameters are not registered twice
-        self.stem = net.backbone.patch_embed if i == 0 else None
-        self.layers = net.specs[i].layers
-        self.aux = net.aux[i] if i < len(net.aux) else None
-
-    def forward(self, x, images, labels):
-        if self.stem is not None:
-            x = self.stem(x)  # x_0 is the patch embedding, inside module 1's graph
-        out = self.layers(x)
-        return out, self.net[0].local_loss(self.i, x, out, images, labels)
-
-
-def train_step(net, optimizers, images, labels, *, clip_grad=5.0, amp_dtype=None, scaler=None):
-    """One training step (design note 1). Module i runs on the detached x_{i-1}, its local loss is
-    backpropagated and its optimizer steps before module i+1 starts, so only one module's
-    graph is ever alive. (Summing the K losses into one backward would give the same
-    gradients but keep every graph alive: none of the memory saving.) Returns the K losses."""
+def train_step(modules, optimizers, images, labels, *, clip_grad=PAPER.clip_grad,
+               amp_dtype=None, scaler=None):
+    """One training step (design note 1) over the K LocalModules, with one optimizer each.
+    Module i runs on the detached x_{i-1}, its local loss is backpropagated and its optimizer
+    steps before module i+1 starts, so only one module's graph is ever alive. (Summing the K
+    losses into one backward would give the same gradients but keep every graph alive: none of
+    the memory saving.) Returns the K losses."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     losses, x = [], images
-    for step, optimizer, device in zip(net.steps, optimizers, net.devices):
-        # To the module's device without a host sync: module i-1's backward can still be running there.
+    for module, optimizer in zip(modules, optimizers):
+        device = device_of(module)
+        # To the module's device without a host sync: module i-1's backward may still run there.
         x = x.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out, loss = step(x, images, labels)  # x_i = g_i(x_{i-1}) and L_i (eq. 1-3)
+            labels_here = labels.to(device, non_blocking=True)
+            out, loss = module(x, images.to(device), labels_here)  # x_i = g_i(x_{i-1}), L_i
         scaler.scale(loss).backward()  # frees module i's graph
         scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip_grad)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(params, clip_grad)
         scaler.step(optimizer)
         optimizer.zero_grad(set_to_none=True)  # gradients need not outlive the step
         losses.append(loss.detach())
@@ -588,85 +649,98 @@ def train_step(net, optimizers, images, labels, *, clip_grad=5.0, amp_dtype=None
     return losses
 
 
-def make_optimizers(net, *, lr, weight_decay, total_steps, warmup_steps):
+def make_optimizers(modules, *, lr, weight_decay, total_steps, warmup_steps):
     """One AdamW per module (with its auxiliary block), Swin's recipe: no weight decay on
     biases, norms and relative-position tables; linear warm-up then cosine decay, per step."""
-    no_decay = {id(p) for name, p in net.named_parameters() if p.ndim <= 1 or name.endswith("bias_table")}
     optimizers, schedulers = [], []
-    for i in range(len(net.specs)):
-        params = net.module_parameters(i)
-        optimizer = torch.optim.AdamW([
-            {"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}], lr=lr)
-        phases = [torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup_steps)] if warmup_steps else []
-        phases.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps - warmup_steps, 1), eta_min=lr / 100))
+    for module in modules:
+        decay, no_decay = [], []
+        for name, p in module.named_parameters():
+            (no_decay if p.ndim <= 1 or name.endswith("bias_table") else decay).append(p)
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+        phases, milestones = [], []
+        if warmup_steps:
+            phases.append(torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3,
+                                                            total_iters=warmup_steps))
+            milestones.append(warmup_steps)
+        phases.append(torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(total_steps - warmup_steps, 1), eta_min=lr / 100))
         optimizers.append(optimizer)
-        schedulers.append(torch.optim.lr_scheduler.SequentialLR(optimizer, phases, milestones=[warmup_steps][:len(phases) - 1]))
+        schedulers.append(torch.optim.lr_scheduler.SequentialLR(optimizer, phases, milestones))
     return optimizers, schedulers
 
 
-def world_size():
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+# =============================================================================================
+# The method ends here. What follows is infrastructure: importing torchvision's weights,
+# measuring memory, the memory-balanced split, data, the training run, parallelism and the
+# command line. None of it changes what the method computes.
+# =============================================================================================
+
+# ---- Importing torchvision's weights: the parity check, and --pretrained --------------------
+
+def torchvision_key(key):
+    """The name torchvision's swin_t/s/b gives the tensor our state_dict calls `key`."""
+    key = re.sub(r"^stages\.(\d+)\.", lambda m: f"features.{2 * int(m[1]) + 1}.", key)
+    key = re.sub(r"^merges\.(\d+)\.", lambda m: f"features.{2 * int(m[1]) + 2}.", key)
+    key = key.replace(".mlp.2.", ".mlp.3.")  # torchvision's MLP has a Dropout after the GELU
+    renames = (("patch_embed.proj.", "features.0.0."), ("patch_embed.norm.", "features.0.2."),
+               ("head.norm.", "norm."), ("head.fc.", "head."))
+    for ours, theirs in renames:
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    return key
 
 
-def init_distributed(device):
-    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on CUDA and gloo on the
-    CPU, and take this process's GPU. Returns (rank, world size, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return torch.distributed.get_rank(), world, device
+def load_torchvision_weights(model, state_dict, with_head=True):
+    """Copy the weights of torchvision's swin_t/swin_s/swin_b into our model (as nanoGPT's
+    from_pretrained does): every key mapped, counts and shapes checked, copied without grad.
+    with_head=False leaves our classifier (sized for another data set's classes) as it is."""
+    ours = {k: v for k, v in model.state_dict().items()
+            if with_head or not k.startswith("head.fc.")}
+    theirs = {k: v for k, v in state_dict.items()
+              if not k.endswith("relative_position_index")
+              and (with_head or not k.startswith("head."))}
+    if len(ours) != len(theirs):
+        raise ConfigError(f"our model has {len(ours)} tensors, the torchvision state_dict "
+                          f"{len(theirs)}: not the same architecture")
+    with torch.no_grad():
+        for key, tensor in ours.items():
+            source = theirs.get(torchvision_key(key))
+            if source is None or source.shape != tensor.shape:
+                found = "missing" if source is None else tuple(source.shape)
+                raise ConfigError(f"{key}: expected {tuple(tensor.shape)} at "
+                                  f"{torchvision_key(key)}, found {found}")
+            tensor.copy_(source)
+    # We recompute the relative-position index; it must be the one torchvision stored.
+    for name, buffer in model.named_buffers():
+        stored = state_dict.get(torchvision_key(name))
+        if name.endswith("relative_position_index") and stored is not None:
+            assert torch.equal(buffer.flatten(), stored.flatten().to(buffer.device))
+    return model
 
 
-def distribute(net, device):
-    """Data parallelism: wrap each module, with its auxiliary block, in its own
-    DistributedDataParallel. Local learning runs one backward per module per step, which one
-    wrapper around the whole network cannot follow; one per module sees one backward each.
-    The contrastive loss and BatchNorm see each process's own part of the batch (our choice)."""
-    device_ids = [device] if device.type == "cuda" else None
-    # A 1x1 conv's gradient can come back channels-last: the same memory order as its weight for
-    # a 1x1 kernel, but DDP compares strides and warns on every step.
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    net.steps = [nn.parallel.DistributedDataParallel(step, device_ids=device_ids) for step in net.steps]
+TORCHVISION_WEIGHTS = {"swin-t": "Swin_T_Weights", "swin-s": "Swin_S_Weights",
+                       "swin-b": "Swin_B_Weights"}
 
 
-@torch.no_grad()
-def ranks_identical(net):
-    """Under DDP: does every process hold exactly rank 0's parameters? (Checked once, at the end.)"""
-    same = torch.ones((), device=next(net.parameters()).device)
-    for p in net.parameters():
-        reference = p.detach().clone()
-        torch.distributed.broadcast(reference, src=0)
-        same *= torch.equal(reference, p)
-    torch.distributed.all_reduce(same, op=torch.distributed.ReduceOp.MIN)
-    return bool(same.item())
+def pretrained_state_dict(arch):
+    """torchvision's ImageNet-1k weights for `arch`, fetched once through its weights API."""
+    if arch not in TORCHVISION_WEIGHTS:
+        raise ConfigError("--pretrained: torchvision has ImageNet weights for "
+                          f"{', '.join(TORCHVISION_WEIGHTS)} only")
+    from torchvision.models import get_weight
+    weights = get_weight(f"{TORCHVISION_WEIGHTS[arch]}.IMAGENET1K_V1")
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), a damaged file
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise ConfigError(f"--pretrained: could not fetch {weights.url} "
+                          f"({getattr(e, 'reason', e)}); torchvision caches weights in {cache}: "
+                          f"put {os.path.basename(weights.url)} there to use them offline")
 
 
-@torch.no_grad()
-def evaluate(net, data, device, batch_size, amp_dtype=None, name=None):
-    """Loss (plain cross-entropy) and top-1 accuracy (%) of the whole network on an ImageSet. With a
-    name, a progress line every 30 s (a test set at 224 px takes minutes on a CPU)."""
-    net.eval()
-    loss_sum, correct, shown = torch.zeros((), device=device), torch.zeros((), device=device), time.perf_counter()
-    for start in range(0, len(data), batch_size):
-        if name and time.perf_counter() - shown > 30:
-            print(f"  evaluating {name}: {start}/{len(data)} images", flush=True)
-            shown = time.perf_counter()
-        images = prepare_batch(data.images[start:start + batch_size].to(device), net.backbone.patch_embed.img_size)
-        labels = data.labels[start:start + batch_size].to(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = net(images).float().to(device)  # with --devices, the last module's device
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        correct += (logits.argmax(dim=1) == labels).sum()
-    net.train()
-    return loss_sum.item() / len(data), 100.0 * correct.item() / len(data)
-
-
-# ---- Memory: the paper's headline claim, measured the same way on every device ---------------
+# ---- Memory: the paper's headline claim, measured the same way on every device -------------
 
 class LiveTensorMeter(TorchDispatchMode):
     """The CPU's stand-in for torch.cuda.max_memory_allocated: the peak number of bytes held by
@@ -685,11 +759,12 @@ class LiveTensorMeter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
-            storage = t.untyped_storage()  # torch keeps one Python object per storage while it lives
+            storage = t.untyped_storage()  # torch keeps one Python object per live storage
             key = id(storage)
             if key in inputs or key in self._sizes:  # a view or an in-place result: nothing new
                 continue
@@ -708,20 +783,21 @@ class PeakMemory:
 
     def __init__(self, devices, baseline=0):
         self.devices, self.baseline = sorted(set(devices), key=str), baseline
+        self.cuda = self.devices[0].type == "cuda"
         self.meter = LiveTensorMeter() if self.devices[0].type == "cpu" else None
-        for device in [d for d in self.devices if d.type == "cuda"]:
+        for device in self.devices if self.cuda else []:
             torch.cuda.reset_peak_memory_stats(device)
 
     def region(self):
         return self.meter if self.meter is not None else contextlib.nullcontext()
 
     def live_bytes(self):
-        if self.devices[0].type == "cuda":
+        if self.cuda:
             return sum(torch.cuda.memory_allocated(device) for device in self.devices)
         return self.baseline + self.meter.live if self.meter is not None else None
 
     def peak_bytes(self):
-        if self.devices[0].type == "cuda":
+        if self.cuda:
             return max(torch.cuda.max_memory_allocated(device) for device in self.devices)
         return self.baseline + self.meter.peak if self.meter is not None else None
 
@@ -730,49 +806,84 @@ def tensor_bytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def state_bytes(net, optimizers):  # what training keeps between steps: parameters, buffers, AdamW state
-    return tensor_bytes([*net.parameters(), *net.buffers()]) + tensor_bytes(
-        v for opt in optimizers for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor))
+def state_bytes(net, optimizers):
+    """What training keeps between steps: parameters, buffers and the AdamW state."""
+    state = [v for opt in optimizers for s in opt.state.values() for v in s.values()
+             if isinstance(v, torch.Tensor)]
+    return tensor_bytes([*net.parameters(), *net.buffers(), *state])
 
 
-def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3, **step_kwargs):
+def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3, modules=None,
+                   **step_kwargs):
     """--measure-memory: training steps on random tensors of the configured shape. Returns the
     peak training memory, the part of it above parameters and optimizer state (activations,
     gradients, temporaries), the step time (measured apart from the meters' overhead) and the
     step's FLOPs (forward and backward, auxiliary blocks included: the cost of local learning)."""
+    modules = net.local_modules if modules is None else modules
     size = net.backbone.patch_embed.img_size
     images = torch.randn(batch_size, 3, size, size, device=device)
     labels = torch.randint(num_classes, (batch_size,), device=device)
+    step = lambda: train_step(modules, optimizers, images, labels, **step_kwargs)  # noqa: E731
     net.train()
-    train_step(net, optimizers, images, labels, **step_kwargs)  # warm-up: creates the optimizer state
-    cuda = {d for d in net.devices if d.type == "cuda"}  # CUDA runs asynchronously: sync before reading the clock
-    sync = lambda: [torch.cuda.synchronize(d) for d in cuda]
+    scaler = step_kwargs.get("scaler")
+    for _ in range(10):  # warm-up, until every optimizer holds its state
+        scale = scaler.get_scale() if scaler is not None else 1.0
+        step()
+        if scaler is None or scaler.get_scale() >= scale:  # an fp16 scaler lowers it on a skip
+            break
+    cuda = {d for d in net.devices if d.type == "cuda"}
+    sync = lambda: [torch.cuda.synchronize(d) for d in cuda]  # noqa: E731 (CUDA runs async)
     sync()
     start = time.perf_counter()
     for _ in range(steps):
-        train_step(net, optimizers, images, labels, **step_kwargs)
+        step()
     sync()
     step_time = (time.perf_counter() - start) / steps
     state = state_bytes(net, optimizers)
     memory = PeakMemory(net.devices, baseline=state + tensor_bytes([images, labels]))
     with memory.region():
-        train_step(net, optimizers, images, labels, **step_kwargs)
+        step()
     peak = memory.peak_bytes()
     with FlopCounterMode(display=False) as flops:
-        train_step(net, optimizers, images, labels, **step_kwargs)
+        step()
     mib = 2**20
     return {"peak_memory_mib": peak and peak / mib, "state_memory_mib": state / mib,
-            "activation_memory_mib": peak and (peak - state) / mib, "step_gflop": flops.get_total_flops() / 1e9,
-            "step_time_s": step_time, "images_per_second": batch_size / step_time}
+            "activation_memory_mib": peak and (peak - state) / mib,
+            "step_gflop": flops.get_total_flops() / 1e9, "step_time_s": step_time,
+            "images_per_second": batch_size / step_time}
 
 
-def balanced_split(backbone, k, lambdas, *, batch_size, device, checkpoint=False, **net_options):
-    """--split balanced: the cut points that make the largest module, with its auxiliary block, as
-    small as possible at this batch and image size (README, Scaling). Each block runs once on its own
-    detached input, so the search holds one block's graph at a time, and measures the bytes the
-    block keeps for backward; one local step of each kind of auxiliary block measures its peak. A
-    dynamic program over the cut points minimises the largest module. Returns the ends and each
-    module's cost as a share of E2E's (without checkpointing)."""
+# ---- The memory-balanced split (--split balanced; README, Scaling) --------------------------
+
+def min_max_split(n, k, cost):
+    """The ends b_1 < ... < b_{K-1} of K modules over n blocks that make the largest
+    cost(i, a, b) (module i + 1 holding blocks a+1 .. b) as small as possible: a dynamic
+    program over (modules placed, blocks covered), each later module left at least a block."""
+    best = {(0, 0): (0, ())}  # (modules placed, blocks covered) -> (largest cost, ends)
+    for i in range(k):
+        covers = [n] if i == k - 1 else range(i + 1, n - (k - 1 - i) + 1)
+        for b in covers:
+            options = [(max(best[i, a][0], cost(i, a, b)), best[i, a][1] + (b,))
+                       for a in range(i, b) if (i, a) in best]
+            best[i + 1, b] = min(options)
+    return best[k, n][1]
+
+
+def bytes_kept(memory, layers, x):
+    """The bytes `layers` keep for backward on input x (their output included), and the output,
+    detached: the graph dies on return, so a search holds one block's graph at a time."""
+    with memory.region():
+        before = memory.live_bytes()
+        out = layers(x)
+        return memory.live_bytes() - before, out.detach()
+
+
+def balanced_split(backbone, k, lambdas, *, batch_size, device, checkpoint=False,
+                   method="ours", decoder="interp", **loss_options):
+    """--split balanced: the cut points that make the largest module, with its auxiliary block,
+    as small as possible at this batch and image size. Each block runs once on its own detached
+    input and its kept bytes are measured; one local loss of each kind of auxiliary block
+    measures its peak. Returns the ends and each module's cost as a share of E2E's."""
     units = [layers for layers, _, _ in block_units(backbone)]
     units[-1] = units[-1] + [backbone.head]
     n, size = len(units), backbone.patch_embed.img_size
@@ -780,51 +891,41 @@ def balanced_split(backbone, k, lambdas, *, batch_size, device, checkpoint=False
     labels = torch.randint(backbone.head.fc.out_features, (batch_size,), device=device)
     backbone.train()
     memory = PeakMemory([device])
-
-    def kept(layers, x):  # the bytes `layers` keep for backward (output included), and the output
-        with memory.region():
-            before = memory.live_bytes()
-            out = layers(x)
-            return memory.live_bytes() - before, out.detach()  # the graph dies with `out`, on return
-
-    embedding, x0 = kept(backbone.patch_embed, images)
-    full, held, xs = [embedding], [embedding], [x0]  # xs[j] = x_j, detached: the next block's input
+    embedding, x0 = bytes_kept(memory, backbone.patch_embed, images)
+    full, held, xs = [embedding], [embedding], [x0]  # xs[j] = x_j, the next block's input
     for layers in units:
-        plain, out = kept(nn.Sequential(*layers), xs[-1].requires_grad_())
+        plain, out = bytes_kept(memory, nn.Sequential(*layers), xs[-1].requires_grad_())
         full.append(plain)
-        held.append(kept(Checkpointed(*layers), xs[-1])[0] if checkpoint else plain)
+        held.append(bytes_kept(memory, Checkpointed(*layers), xs[-1])[0] if checkpoint else plain)
         xs.append(out)
-
     aux_peaks = {}
 
-    def aux_peak(a, b, reconstructs):  # the auxiliary block reading x_b, for a module that reads x_a
+    def aux_peak(a, b, reconstructs):  # the auxiliary loss on x_b of a module that reads x_a
         key = (xs[a].shape, xs[b].shape, reconstructs)
         if key not in aux_peaks:
-            ends = (b,) if a == 0 else (a, b)
-            probe = LocalSwin(backbone, ends, lambdas=[float(reconstructs)] * len(ends), mus=[1.0] * len(ends),
-                              **net_options).place([device] * (len(ends) + 1))
+            spec = ModuleSpec(None, xs[a].shape[-1], xs[a].shape[1], xs[b].shape[-1],
+                              xs[b].shape[1])
+            lam = float(reconstructs and method != "greedy-contrast")
+            loss = auxiliary_loss(method, spec, lam=lam, mu=1.0, img_size=size, decoder=decoder,
+                                  num_classes=backbone.head.fc.out_features, **loss_options)
+            loss = loss.to(device)
             peak = PeakMemory([device])
             before = peak.live_bytes()
             with peak.region():
-                probe.local_loss(len(ends) - 1, xs[a].detach(), xs[b].detach().requires_grad_(), images, labels).backward()
+                loss(xs[b].detach().requires_grad_(), xs[a].detach(), images, labels).backward()
             aux_peaks[key] = peak.peak_bytes() - before
         return aux_peaks[key]
 
-    def module_cost(i, a, b):  # module i + 1: its input, blocks a+1 .. b (one recomputed at a time) and aux
+    def module_cost(i, a, b):  # module i + 1: its input, its blocks, and its auxiliary block
         cost = sum(held[a + 1:b + 1]) + (max(full[a + 1:b + 1]) if checkpoint else 0)
-        return cost + (held[0] if a == 0 else tensor_bytes([xs[a]])) + (aux_peak(a, b, lambdas[i] > 0) if b < n else 0)
+        cost += held[0] if a == 0 else tensor_bytes([xs[a]])
+        return cost + (aux_peak(a, b, lambdas[i] > 0) if b < n else 0)
 
-    best = {(0, 0): (0, ())}  # (modules placed, blocks covered) -> (largest module cost, ends)
-    for i in range(k):
-        for b in [n] if i == k - 1 else range(i + 1, n - (k - 1 - i) + 1):  # leave a block for each later module
-            best[i + 1, b] = min((max(best[i, a][0], module_cost(i, a, b)), best[i, a][1] + (b,))
-                                 for a in range(i, b) if (i, a) in best)
-    ends = best[k, n][1]
+    ends = min_max_split(n, k, module_cost)
     shares = [module_cost(i, a, b) / sum(full) for i, (a, b) in enumerate(zip((0,) + ends, ends))]
     return ends[:-1], shares
 
-
-# ---- Data (design note 6): whole data sets in memory, augmented a batch at a time ------------
+# ---- Data (design note 6): whole data sets in memory, augmented a batch at a time ----------
 
 @dataclass
 class ImageSet:
@@ -844,7 +945,8 @@ def synthetic_images(train, num_classes=10, size=32):
     """A small data set a model can learn, for smoke tests: each class is a fixed random
     smooth colour pattern, each sample that pattern plus noise."""
     gen = torch.Generator().manual_seed(0)  # the same class patterns in both splits
-    patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=gen), size=size, mode="bilinear")
+    patterns = torch.rand(num_classes, 3, 4, 4, generator=gen)
+    patterns = F.interpolate(patterns, size=size, mode="bilinear")
     gen.manual_seed(1 if train else 2)
     labels = torch.randint(num_classes, (1024 if train else 256,), generator=gen)
     noisy = patterns[labels] + 0.15 * torch.randn(len(labels), 3, size, size, generator=gen)
@@ -854,7 +956,7 @@ def synthetic_images(train, num_classes=10, size=32):
 TORCHVISION_SETS = {  # name: (class, train kwargs, test kwargs, classes)
     "cifar10": (datasets.CIFAR10, {"train": True}, {"train": False}, 10),
     "cifar100": (datasets.CIFAR100, {"train": True}, {"train": False}, 100),
-    "stl10": (datasets.STL10, {"split": "train"}, {"split": "test"}, 10),  # the unlabelled split is unused
+    "stl10": (datasets.STL10, {"split": "train"}, {"split": "test"}, 10),  # no unlabelled split
     "svhn": (datasets.SVHN, {"split": "train"}, {"split": "test"}, 10),
     "mnist": (datasets.MNIST, {"train": True}, {"train": False}, 10),
     "fashion-mnist": (datasets.FashionMNIST, {"train": True}, {"train": False}, 10),
@@ -869,37 +971,94 @@ def as_image_set(dataset):
         images = images[:, None]
     elif images.shape[-1] == 3:  # CIFAR: (N, H, W, 3)
         images = rearrange(images, "n h w c -> n c h w")
-    labels = dataset.targets if hasattr(dataset, "targets") else dataset.labels  # SVHN and STL-10 say labels
+    labels = getattr(dataset, "targets", None)
+    labels = dataset.labels if labels is None else labels  # SVHN and STL-10 say labels
     return ImageSet(images.contiguous(), torch.as_tensor(labels, dtype=torch.long))
 
 
 def imagefolder_dirs(root):
-    test = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
-    if not os.path.isdir(os.path.join(root, "train")) or test is None:
-        raise ConfigError(f"--dataset imagefolder needs {os.path.join(root, 'train')}/<class>/* and "
+    train = os.path.join(root, "train")
+    test = next((os.path.join(root, d) for d in ("val", "test")
+                 if os.path.isdir(os.path.join(root, d))), None)
+    if not os.path.isdir(train) or test is None:
+        raise ConfigError(f"--dataset imagefolder needs {train}/<class>/* and "
                           f"{os.path.join(root, 'val')} (or test)/<class>/*; not found")
-    return os.path.join(root, "train"), test
+    return train, test
+
+
+def list_images(folder):
+    """(paths, labels, classes) of folder/<class>/..., sorted. A folder reached again through a
+    symlink is walked once; files without an image extension are skipped, and counted."""
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    paths, labels, skipped = [], [], {}
+    for label, name in enumerate(classes):
+        walked = set()
+        for root, dirs, files in os.walk(os.path.join(folder, name), followlinks=True):
+            dirs.sort()
+            if os.path.realpath(root) in walked:  # a symlink loop, or a second way in
+                dirs.clear()
+                continue
+            walked.add(os.path.realpath(root))
+            for file in sorted(files):
+                extension = os.path.splitext(file)[1].lower() or "no extension"
+                if extension in datasets.folder.IMG_EXTENSIONS:
+                    paths.append(os.path.join(root, file))
+                    labels.append(label)
+                else:
+                    skipped[extension] = skipped.get(extension, 0) + 1
+    empty = [name for label, name in enumerate(classes) if label not in set(labels)]
+    if not classes or empty:
+        raise ConfigError(f"--dataset imagefolder: Found no valid file for the classes "
+                          f"{', '.join(empty) or '(no class folders)'} in {folder}")
+    if skipped:
+        counts = ", ".join(f"{n} {ext}" for ext, n in sorted(skipped.items()))
+        print(f"{folder}: skipped {sum(skipped.values())} files that are not images of a known "
+              f"extension ({counts})", flush=True)
+    return paths, labels, classes
 
 
 def read_image(path):
-    """ImageFolder's loader (PIL, converted to RGB), naming the file it cannot read."""
+    """A file as an RGB PIL image, naming the file it cannot read (or that is larger than PIL's
+    decompression-bomb limit). 16-bit grayscale is scaled to 8 bits, not clipped to white."""
+    from PIL import Image
     try:
-        return datasets.folder.default_loader(path)
-    except OSError as e:
+        with Image.open(path) as image:
+            if image.mode.startswith("I"):  # I;16 and I: integer grayscale beyond 8 bits
+                return image.convert("I").point(lambda v: v / 257).convert("RGB")
+            return image.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as e:
         raise OSError(f"cannot read the image {path} ({e})") from None
 
 
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files, each read and resized to img_size x img_size, as uint8 (3, S, S) tensors."""
+
+    def __init__(self, paths, labels, img_size):
+        self.paths, self.labels = paths, labels
+        self.resize = v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True)])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.resize(read_image(self.paths[i])), self.labels[i]
+
+
 def decode_folder(folder, img_size, workers):
-    """An ImageFolder decoded once, in `workers` processes, resized to img_size (our choice: a
+    """An image folder decoded once, in `workers` processes, resized to img_size (our choice: a
     folder of large images would not fit in memory at full size) and converted to RGB."""
+    paths, labels, classes = list_images(folder)
+    print(f"decoding {len(paths)} images in {folder} once, at {img_size} x {img_size}", flush=True)
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, labels, img_size), batch_size=256,
+                                         num_workers=workers)
     try:
-        dataset = datasets.ImageFolder(folder, v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True)]),
-                                       loader=read_image)
-        print(f"decoding {len(dataset)} images in {folder} once, at {img_size} x {img_size}", flush=True)
-        parts = list(torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers))
-    except (OSError, RuntimeError) as e:  # an empty class folder or split; an unreadable image (from a worker, too)
+        parts = list(loader)
+    except OSError as e:  # an unreadable image, in this process or a worker
         raise ConfigError(f"--dataset imagefolder: {str(e).strip().splitlines()[-1]}")
-    return ImageSet(torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])), dataset.classes
+    except RuntimeError as e:  # a worker killed by the system (out of memory): not bad input
+        raise RunError(f"decoding {folder}: {str(e).strip().splitlines()[0]}")
+    images = torch.cat([x for x, _ in parts])
+    return ImageSet(images, torch.cat([y for _, y in parts])), classes
 
 
 def count_classes(name, root):
@@ -915,31 +1074,39 @@ def count_classes(name, root):
 
 
 def make_datasets(name, root, img_size, download=True, workers=0):
-    """(train, test) ImageSets. torchvision's classes download a data set (or find it in `root`)."""
+    """(train, test) ImageSets. torchvision's classes download a data set (or find it in root)."""
     if name == "synthetic":
         return synthetic_images(train=True), synthetic_images(train=False)
     if name == "imagefolder":
-        (train, classes), (test, test_classes) = (decode_folder(d, img_size, workers) for d in imagefolder_dirs(root))
+        (train, classes), (test, test_classes) = (decode_folder(d, img_size, workers)
+                                                  for d in imagefolder_dirs(root))
         if classes != test_classes:
-            raise ConfigError(f"{' and '.join(imagefolder_dirs(root))} hold different class folders")
+            raise ConfigError(f"{' and '.join(imagefolder_dirs(root))} hold different classes")
         return train, test
     cls, train_kw, test_kw, _ = TORCHVISION_SETS[name]
-    where = os.path.abspath(root)
     try:
         return tuple(as_image_set(cls(root, download=download, **kw)) for kw in (train_kw, test_kw))
     except ImportError as e:  # SVHN's .mat files need scipy
-        raise ConfigError(f"--dataset {name} needs a package torchvision lacks here ({e}); pip install scipy")
-    except (RuntimeError, OSError) as e:  # not found (--no-download), or no network (URLError is an OSError)
-        how = "run without --no-download to fetch it" if not download else f"the download failed ({e})"
-        files = [os.path.splitext(os.path.basename(url))[0] for url, _ in getattr(cls, "resources", [])]
-        put = (f"put {', '.join(files)} (gunzipped) in {os.path.join(where, cls.__name__, 'raw')}" if files
-               else f"put torchvision's extracted copy of {cls.__name__} there (--data-dir)")
+        raise ConfigError(f"--dataset {name} needs a package torchvision lacks here ({e}); "
+                          "pip install scipy")
+    except (RuntimeError, OSError) as e:  # not found (--no-download), no network (URLError)
+        how = "run without --no-download to fetch it"
+        if download:
+            how = f"the download failed ({e})"
+        urls = [url for url, _ in getattr(cls, "resources", [])]
+        files = [os.path.splitext(os.path.basename(url))[0] for url in urls]
+        put = f"put torchvision's extracted copy of {cls.__name__} there (--data-dir)"
+        if files:
+            raw = os.path.join(os.path.abspath(root), cls.__name__, "raw")
+            put = f"put {', '.join(files)} (gunzipped) in {raw}"
+        where = os.path.abspath(root)
         raise ConfigError(f"--dataset {name}: not found in {where}; {how}, or {put}")
 
 
 def validation_split(train, fraction, seed=0):
-    """(train, val): a fixed random `fraction` (in [0, 1)) of the training set held out for choosing
-    settings (design note 7). It depends on `seed` alone, not on --seed: every run is judged on the same images."""
+    """(train, val): a fixed random `fraction` (in [0, 1)) of the training set held out for
+    choosing settings (design note 7). It depends on `seed` alone, not on --seed: every run is
+    judged on the same images."""
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     n_val = round(fraction * len(train))
     return train.subset(order[n_val:]), (train.subset(order[:n_val]) if n_val else None)
@@ -952,191 +1119,486 @@ def random_resized_crop(images, size, min_scale, generator):
     One affine grid_sample does it all on the batch's device. (B, C, H, W) -> (B, C, size, size)."""
     u = torch.rand(len(images), 5, generator=generator).to(images.device)
     area = min_scale + (1 - min_scale) * u[:, 0]
-    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[:, 1])  # log-uniform, as torchvision draws it
-    w, h = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)  # crop sides / image sides
+    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[:, 1])  # log-uniform, as torchvision
+    w = (area * ratio).sqrt().clamp(max=1)  # the crop's sides, as shares of the image's
+    h = (area / ratio).sqrt().clamp(max=1)
     flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
     zero = torch.zeros_like(w)
-    # grid_sample coordinates run from -1 to 1: the crop's centre may lie up to 1 - w from the middle.
-    theta = torch.stack([torch.stack([w * flip, zero, (1 - w) * (2 * u[:, 2] - 1)], dim=1),
-                         torch.stack([zero, h, (1 - h) * (2 * u[:, 3] - 1)], dim=1)], dim=1)  # (B, 2, 3)
+    # grid_sample's coordinates run from -1 to 1: the crop's centre lies within 1 - w of 0.
+    row_x = torch.stack([w * flip, zero, (1 - w) * (2 * u[:, 2] - 1)], dim=1)
+    row_y = torch.stack([zero, h, (1 - h) * (2 * u[:, 3] - 1)], dim=1)
+    theta = torch.stack([row_x, row_y], dim=1)  # (B, 2, 3)
     grid = F.affine_grid(theta, [len(images), images.shape[1], size, size], align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection",
+                         align_corners=False)
 
 
-def prepare_batch(images, img_size, generator=None, min_scale=0.35):
+def prepare_batch(images, img_size, generator=None, min_scale=PAPER.crop_scale):
     """uint8 (B, 1 or 3, H, W) -> the network's input (B, 3, S, S), ImageNet-normalised, grayscale
-    repeated to 3 channels. Training (a generator): random resized crop and flip; testing: resize."""
+    repeated to 3 channels. Training (a generator): random resized crop and flip; test: resize."""
     x = images.float().div(255).expand(-1, 3, -1, -1)
     if generator is not None:
         x = random_resized_crop(x, img_size, min_scale, generator)
     elif x.shape[-2:] != (img_size, img_size):
-        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True,
+                          align_corners=False)
     return v2.functional.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
 
 
-# ---- The training run: progress, log, checkpoint, results ------------------------------------
+@torch.no_grad()
+def evaluate(net, data, device, batch_size, amp_dtype=None, name=None):
+    """Loss (plain cross-entropy) and top-1 accuracy (%) of the whole network on an ImageSet.
+    With a name, a progress line every 30 s (a test set at 224 px takes minutes on a CPU)."""
+    net.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    shown = time.perf_counter()
+    for start in range(0, len(data), batch_size):
+        if name and time.perf_counter() - shown > 30:
+            print(f"  evaluating {name}: {start}/{len(data)} images", flush=True)
+            shown = time.perf_counter()
+        images = data.images[start:start + batch_size].to(device)
+        images = prepare_batch(images, net.backbone.patch_embed.img_size)
+        labels = data.labels[start:start + batch_size].to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = net(images).float().to(device)  # with --devices, from the last device
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        correct += (logits.argmax(dim=1) == labels).sum()
+    net.train()
+    return loss_sum.item() / len(data), 100.0 * correct.item() / len(data)
+
+
+# ---- The run's files: output folder, lock, checkpoint, log, results ------------------------
+
+class RunError(Exception):
+    """The run cannot go on, through no fault of its flags (a full disk, a read-only folder, a
+    killed worker): one line, exit code 1, every file a resume needs left whole."""
+
+
+RUN_FILES = ("log.jsonl", "results.json", "last.pt")  # what a run writes into --out
+# Flags that do not change what is computed: a resumed run may change them. (--split is
+# checked through the module ends it resolves to: "balanced" and the list it chose are alike.)
+RUN_ONLY_FLAGS = {"resume", "max_steps", "workers", "device", "devices", "data_dir", "no_download",
+                  "log_every", "out", "split", "overwrite", "checkpoint"}
+
 
 def atomic_write(path, write):
-    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
+    """write(tmp), then rename tmp to path: a crash, a kill or a full disk never leaves half a
+    file. On a failure the temporary file is removed and the previous file stays as it was."""
     tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save raises RuntimeError on ENOSPC
+            reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1][:120]
+            raise RunError(f"could not write {path} ({reason}); the folder's other files, and "
+                           "any earlier version of this one, are intact") from None
+        raise
 
 
 def write_json(path, record):
     atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(record, indent=2)))
 
 
-def format_duration(seconds):
-    return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 86400:.1f} days"
+def run_files_held(out):
+    """The files that make a folder hold a run: a finished epoch (last.pt) or results. A log
+    alone, of a run stopped in its first epoch, holds nothing a resume could continue."""
+    return [f for f in ("last.pt", "results.json") if os.path.exists(os.path.join(out, f))]
 
 
-# Flags that do not change what is computed: a resumed run may change them. (--split is
-# checked through the module ends it resolves to: "balanced" and the list it chose are the same.)
-RUN_ONLY_FLAGS = {"resume", "max_steps", "workers", "device", "devices", "data_dir", "no_download", "log_every", "out",
-                  "split", "overwrite", "checkpoint"}
-RUN_FILES = ("log.jsonl", "results.json", "last.pt")  # what a run writes into --out
+def refuse_held(args):
+    held = run_files_held(args.out)
+    if held and not (args.resume or args.overwrite):  # a user's results are never replaced unasked
+        raise ConfigError(f"--out {args.out} holds a run ({', '.join(held)}): --resume continues "
+                          "it, --overwrite replaces it")
 
 
-def train(args, net, optimizers, schedulers, scaler, data, device, amp_dtype):
-    """The greedy training run over `data` = (train, val or None, test) ImageSets: progress lines,
-    log.jsonl (one record per epoch), last.pt at the end of each epoch, results.json at the end."""
-    out, K, (train_set, val_set, test_set) = args.out, len(net.specs), data
-    world, rank = world_size(), torch.distributed.get_rank() if torch.distributed.is_initialized() else 0  # rank 0 writes files
-    img_size, batch = net.backbone.patch_embed.img_size, args.batch_size
-    steps_per_epoch = len(train_set) // (batch * world)
-    checkpoint_path = os.path.join(out, "last.pt")
-    start_epoch, step, history = 0, 0, []
-    if args.resume:
-        ckpt = load_checkpoint(checkpoint_path, args, net.ends)
-        net.load_state_dict(ckpt["net"])
-        for obj, state in zip(optimizers + schedulers, ckpt["optimizers"] + ckpt["schedulers"]):
-            obj.load_state_dict(state)
-        scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"])
-        if device.type == "cuda" and ckpt["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-        start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
-        if start_epoch >= args.epochs:
-            print(f"{out}: this run has finished its {args.epochs} epochs; nothing to do")
-            return None
-        print(f"resumed from {checkpoint_path} after epoch {start_epoch} (step {step})")
-    print(f"training {args.epochs} x {steps_per_epoch} steps; into {out}/: log.jsonl and last.pt after each epoch, results.json at the end")
-    log_path = os.path.join(out, "log.jsonl")
-    if rank == 0:  # exactly the epochs the checkpoint has seen
-        pathlib.Path(log_path).write_text("".join(json.dumps(record) + "\n" for record in history))
-
-    memory = PeakMemory(net.devices, baseline=state_bytes(net, optimizers))  # a resumed run's AdamW state is loaded already
-    train_images, train_time, run_start = 0, 0.0, time.perf_counter()
-    epoch = start_epoch
-    while epoch < args.epochs and not (args.max_steps and step >= args.max_steps):
-        net.train()
-        # Epoch e's order and augmentations depend on (seed, e) alone, so a resumed run repeats them.
-        generator = torch.Generator().manual_seed(1000 * args.seed + epoch)
-        order = torch.randperm(len(train_set), generator=generator)
-        epoch_losses, window = torch.zeros(K, device=device), []  # window: the (K,) losses since the last log line
-        epoch_start = window_start = time.perf_counter()
-        for done in range(1, steps_per_epoch + 1):
-            part = order[((done - 1) * world + rank) * batch:][:batch]  # each process its own part of the global batch
-            images = prepare_batch(train_set.images[part].to(device, non_blocking=True), img_size, generator, args.crop_scale)
-            labels = train_set.labels[part].to(device, non_blocking=True)
-            # The meter (a Python hook on every operator) reads each epoch's first two steps: the second holds the optimizer state.
-            with memory.region() if done <= 2 else contextlib.nullcontext():
-                losses = train_step(net, optimizers, images, labels, clip_grad=args.clip_grad, amp_dtype=amp_dtype, scaler=scaler)
-            window.append(torch.stack([loss.float().to(device) for loss in losses]))  # on the device: no host sync
-            for scheduler in schedulers:
-                scheduler.step()
-            step += 1
-            # From step 1 on, so that the ETA (an epoch's estimate, then the run's) shows at once.
-            if done % args.log_every == 0 or done in (1, steps_per_epoch) or step == args.max_steps:
-                losses = torch.stack(window)
-                if world > 1:  # the mean over processes: every rank logs the same losses and stops together on a NaN
-                    torch.distributed.all_reduce(losses)
-                    losses /= world
-                bad = (~torch.isfinite(losses)).nonzero()  # checked here, not every step, to name the first bad one
-                if len(bad):
-                    row, i = bad[0].tolist()
-                    raise FloatingPointError(f"loss of module {i + 1} became {losses[row, i].item()} at step "
-                                             f"{step - len(window) + 1 + row} (epoch {epoch + 1})")
-                epoch_losses += losses.sum(0)
-                train_time += time.perf_counter() - window_start
-                train_images += len(window) * batch * world
-                rate = train_images / train_time
-                eta = (min(args.epochs * steps_per_epoch, args.max_steps or math.inf) - step) * batch * world / rate
-                print(f"epoch {epoch + 1}/{args.epochs} step {done}/{steps_per_epoch} | loss "
-                      + " ".join(f"{v:.4f}" for v in losses.mean(0).tolist())
-                      + f" | lr {schedulers[0].get_last_lr()[0]:.2e} | {rate:.0f} img/s | ETA {format_duration(eta)}", flush=True)
-                window, window_start = [], time.perf_counter()
-            if args.max_steps and step >= args.max_steps:
-                break
-        epoch += 1
-        record = {"epoch": epoch, "steps": done, "train_loss": (epoch_losses / done).tolist(),
-                  "lr": schedulers[0].get_last_lr()[0], "train_time_s": time.perf_counter() - epoch_start}
-        for name, split in (("val", val_set), ("test", test_set)):  # test is reported, never used to choose
-            if split is not None and done < steps_per_epoch:  # cut by --max-steps: a trial, evaluated on as many images
-                split = split.subset(slice(0, done * batch * world))  # as it trained on, not a whole 224-px test set
-                record[f"{name}_images"] = len(split)
-            if split is not None:
-                record[f"{name}_loss"], record[f"{name}_acc"] = evaluate(net, split, device, batch, amp_dtype, name)
-        history.append(record)
-        print(f"epoch {epoch}/{args.epochs} | " + " | ".join(f"{name} loss {record[f'{name}_loss']:.4f} acc {record[f'{name}_acc']:.2f}%"
-                                                               + (f" (first {record[f'{name}_images']} images)" if f"{name}_images" in record else "")
-                                                               for name in ("val", "test") if f"{name}_acc" in record)
-              + f" | {record['train_time_s']:.0f} s", flush=True)
-        if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if rank == 0 and done == steps_per_epoch:  # a checkpoint marks a finished epoch; a run cut short resumes from the last one
-            ckpt = {"epoch": epoch, "step": step, "history": history, "config": vars(args), "ends": net.ends,
-                    "net": net.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-                    "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(),
-                    "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-            atomic_write(checkpoint_path, lambda tmp: torch.save(ckpt, tmp))
-    peak = memory.peak_bytes()
-    results = {"ranks_identical": ranks_identical(net)} if world > 1 else {}
-    last = history[-1] if history else {}
-    best_val = max(history, key=lambda r: r["val_acc"]) if val_set is not None and history else {}
-    results |= {"test_acc": last.get("test_acc"), "val_acc": last.get("val_acc"), "best_val_acc": best_val.get("val_acc"),
-                "best_val_epoch": best_val.get("epoch"), "peak_memory_mib": peak and peak / 2**20,
-                "images_per_second": train_images / max(train_time, 1e-9), "epochs": epoch, "steps": step,
-                "wall_time_s": time.perf_counter() - run_start, **run_info(args, net, device, optimizers)}
-    if rank == 0:
-        write_json(os.path.join(out, "results.json"), results)
-    print(f"done: test acc {results['test_acc']:.2f}%" + (f", val acc {results['val_acc']:.2f}%" if val_set is not None else "")
-          + f" | peak memory {results['peak_memory_mib'] or float('nan'):.0f} MiB | {results['images_per_second']:.0f} img/s"
-          f" | {out}/results.json")
-    return results
+def lock_folder(out):
+    """Hold `out` for this process: an exclusive lock on out/.lock, which the system releases
+    when the process ends, however it ends (so a crash leaves no stale lock)."""
+    handle = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"--out {out} is in use by a run in progress ({holder}): wait for it to "
+                          "end, or choose another --out")
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle  # the lock lasts while this file stays open
 
 
-def load_checkpoint(path, args, ends):
+def take_folder(args):
+    """Rank 0 takes --out, once every check has passed: creates it, locks it, refuses it if it
+    holds a run (unless --resume or --overwrite), and on --overwrite removes the old run."""
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        lock = lock_folder(args.out)
+    except OSError as e:
+        raise ConfigError(f"--out {args.out}: cannot write there ({e.strerror or e})")
+    try:
+        refuse_held(args)  # again, now that no other process can start a run into it
+        for name in RUN_FILES if args.overwrite else ():  # asked for explicitly
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(args.out, name))
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+@dataclass
+class Run:
+    """A training run, built and checked before any file is written, and its progress (the
+    fields of PROGRESS, which last.pt keeps so that a resumed run continues exactly)."""
+    args: argparse.Namespace
+    net: LocalSwin
+    modules: list  # what train_step runs: net.local_modules, or their DDP wrappers
+    optimizers: list
+    schedulers: list
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: object
+    data: tuple  # (train, val or None, test) ImageSets
+    rank: int = 0
+    world: int = 1
+    epoch: int = 0  # epochs finished
+    step: int = 0
+    history: list = field(default_factory=list)  # log.jsonl's records
+    train_images: int = 0  # images trained on, and the seconds that took: images/s
+    train_time: float = 0.0
+    wall_time: float = 0.0
+    peak_bytes: int = 0
+
+    @property
+    def steps_per_epoch(self):
+        return len(self.data[0]) // (self.args.batch_size * self.world)
+
+    def path(self, name):
+        return os.path.join(self.args.out, name)
+
+
+PROGRESS = ("epoch", "step", "history", "train_images", "train_time", "wall_time", "peak_bytes")
+
+
+def save_checkpoint(run):
+    """last.pt: everything a resume needs, replaced atomically at the end of each epoch."""
+    cuda = sorted({d for d in run.net.devices if d.type == "cuda"}, key=str)
+    ckpt = {name: getattr(run, name) for name in PROGRESS}
+    ckpt |= {"config": vars(run.args), "ends": run.net.ends, "world_size": run.world,
+             "train_size": len(run.data[0]), "net": run.net.state_dict(),
+             "optimizers": [o.state_dict() for o in run.optimizers],
+             "schedulers": [s.state_dict() for s in run.schedulers],
+             "scaler": run.scaler.state_dict(), "rng": torch.get_rng_state(),
+             "cuda_rng": {str(d): torch.cuda.get_rng_state(d) for d in cuda}}
+    atomic_write(run.path("last.pt"), lambda tmp: torch.save(ckpt, tmp))
+
+
+def load_checkpoint(run):
+    """last.pt, checked against this run: the same settings (run-only flags aside), module
+    ends, number of processes and training set, and a --max-steps it has not reached yet."""
+    path, args = run.path("last.pt"), run.args
     if not os.path.isfile(path):
-        raise ConfigError(f"--resume: no checkpoint at {path} (a run writes it at the end of each epoch)")
+        raise ConfigError(f"--resume: no checkpoint at {path} (a run writes it at the end of "
+                          "each epoch)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        saved = ckpt["config"]
+        saved, ends = ckpt["config"], tuple(ckpt["ends"])
+        world, size, step = ckpt["world_size"], ckpt["train_size"], ckpt["step"]
     except Exception as e:  # torch.load raises many kinds of error on a damaged file
-        raise ConfigError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:120]})")
+        raise ConfigError(f"--resume: {path} is not a readable checkpoint of this program "
+                          f"({type(e).__name__}: {str(e)[:120]})")
     changed = [k for k, v in vars(args).items() if k not in RUN_ONLY_FLAGS and saved.get(k) != v]
     if changed:
-        raise ConfigError(f"--resume: {path} was written with different settings: "
-                          + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k)})" for k in changed))
-    if tuple(ckpt["ends"]) != tuple(ends):  # --split balanced measures again, and may cut elsewhere
-        raise ConfigError(f"--resume: {path} has modules ending after blocks {tuple(ckpt['ends'])}, this run chose "
-                          f"{tuple(ends)}; resume with --split {','.join(map(str, ckpt['ends']))}")
+        settings = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {getattr(args, k)})"
+                             for k in changed)
+        raise ConfigError(f"--resume: {path} was written with different settings: {settings}")
+    if ends != run.net.ends:  # --split balanced measures again, and may cut elsewhere
+        raise ConfigError(f"--resume: {path} has modules ending after blocks {ends}, this run "
+                          f"chose {run.net.ends}; resume with --split {','.join(map(str, ends))}")
+    if (world, size) != (run.world, len(run.data[0])):  # the schedule was sized for its steps
+        raise ConfigError(f"--resume: {path} was trained by {world} processes on {size} images, "
+                          f"this run has {run.world} on {len(run.data[0])}: the learning-rate "
+                          "schedule would not fit; resume it as it was started")
+    if args.max_steps is not None and args.max_steps <= step:
+        raise ConfigError(f"--resume --max-steps {args.max_steps}: {path} has done {step} "
+                          "steps already; give more, or leave --max-steps out")
     return ckpt
 
 
-def run_info(args, net, device, optimizers):
+def resume(run):
+    """--resume: weights, optimizer, scheduler, scaler and random states, and the progress."""
+    ckpt = load_checkpoint(run)
+    try:
+        run.net.load_state_dict(ckpt["net"])
+        states = ckpt["optimizers"] + ckpt["schedulers"]
+        for obj, state in zip(run.optimizers + run.schedulers, states, strict=True):
+            obj.load_state_dict(state)
+        run.scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"])
+        for device, state in ckpt["cuda_rng"].items():  # each device a module lives on
+            torch.cuda.set_rng_state(state, device)
+        for name in PROGRESS:
+            setattr(run, name, ckpt[name])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise ConfigError(f"--resume: {run.path('last.pt')} lacks or mistypes a field "
+                          f"({type(e).__name__}: {str(e).strip()[:120]})")
+
+
+def write_log(run):
+    """log.jsonl: one record per epoch, rewritten whole (and atomically) after each."""
+    text = "".join(json.dumps(record) + "\n" for record in run.history)
+    atomic_write(run.path("log.jsonl"), lambda tmp: pathlib.Path(tmp).write_text(text))
+
+
+def run_info(args, net, device, optimizers, world):
     """What a results.json needs to be read later: the full config and what it resolved to."""
-    world = world_size()
-    return {"config": vars(args), "k": len(net.specs), "split": list(net.ends), "lambdas": net.lambdas, "mus": net.mus,
-            "lr": optimizers[0].param_groups[0]["initial_lr"], "global_batch": args.batch_size * world, "world_size": world,
-            "parameters": sum(p.numel() for p in net.backbone.parameters()), "aux_parameters": sum(p.numel() for p in net.aux.parameters()),
+    return {"config": vars(args), "k": len(net.specs), "split": list(net.ends),
+            "lambdas": net.lambdas, "mus": net.mus,
+            "lr": optimizers[0].param_groups[0]["initial_lr"],
+            "global_batch": args.batch_size * world, "world_size": world,
+            "parameters": sum(p.numel() for p in net.backbone.parameters()),
+            "aux_parameters": sum(p.numel() for p in net.aux.parameters()),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
             "devices": [str(d) for d in net.devices], "torch": torch.__version__}
 
 
-# ---- Command line ----------------------------------------------------------------------------
+def format_duration(seconds):
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} days"
+    return time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+
+# ---- The training run: epochs, progress, evaluation, results --------------------------------
+
+def train(run):
+    """The greedy training run: progress lines; at the end of each epoch last.pt, then
+    log.jsonl (never ahead of what a resume can continue); results.json at the end."""
+    args = run.args
+    if args.resume:
+        resume(run)
+        if run.epoch >= args.epochs:
+            if os.path.exists(run.path("results.json")):
+                print(f"{args.out}: this run has finished its {args.epochs} epochs; nothing to do")
+                return None
+            print(f"{args.out}: every epoch is done; writing the missing results.json")
+            return finish(run)
+        print(f"resumed from {run.path('last.pt')} after epoch {run.epoch} (step {run.step})")
+    print(f"training {args.epochs} x {run.steps_per_epoch} steps; into {args.out}/: last.pt and "
+          "log.jsonl after each epoch, results.json at the end")
+    if run.rank == 0:  # exactly the epochs the checkpoint has seen
+        write_log(run)
+    # A resumed run's AdamW state is loaded already, so it counts in the baseline.
+    memory = PeakMemory(run.net.devices, baseline=state_bytes(run.net, run.optimizers))
+    mark = time.perf_counter()
+    while run.epoch < args.epochs and not (args.max_steps and run.step >= args.max_steps):
+        start = time.perf_counter()
+        done, loss_sums = train_epoch(run, memory)
+        run.epoch += 1
+        record = {"epoch": run.epoch, "steps": done, "train_loss": (loss_sums / done).tolist(),
+                  "lr": run.schedulers[0].get_last_lr()[0],
+                  "train_time_s": time.perf_counter() - start}
+        record |= evaluate_epoch(run, done)
+        run.history.append(record)
+        print_epoch(run, record)
+        run.peak_bytes = max(run.peak_bytes, memory.peak_bytes() or 0)
+        run.wall_time += time.perf_counter() - mark
+        mark = time.perf_counter()
+        if run.rank == 0 and done == run.steps_per_epoch:  # a checkpoint marks a finished epoch
+            save_checkpoint(run)
+        if run.rank == 0:
+            write_log(run)
+    return finish(run)
+
+
+def train_epoch(run, memory):
+    """One epoch, or what --max-steps leaves of it: (steps done, each module's summed loss)."""
+    args, train_set = run.args, run.data[0]
+    batch, img_size = args.batch_size, run.net.backbone.patch_embed.img_size
+    run.net.train()
+    # Epoch e's order and augmentations depend on (seed, e) alone: a resumed run repeats them.
+    generator = torch.Generator().manual_seed(1000 * args.seed + run.epoch)
+    order = torch.randperm(len(train_set), generator=generator)
+    loss_sums, window = torch.zeros(len(run.modules), device=run.device), []
+    window_start = time.perf_counter()
+    for done in range(1, run.steps_per_epoch + 1):
+        start = ((done - 1) * run.world + run.rank) * batch  # this process's part of the batch
+        part = order[start:start + batch]
+        images = train_set.images[part].to(run.device, non_blocking=True)
+        images = prepare_batch(images, img_size, generator, args.crop_scale)
+        labels = train_set.labels[part].to(run.device, non_blocking=True)
+        # The meter (a Python hook on every operator) reads each epoch's first two steps; the
+        # second holds the optimizer state.
+        with memory.region() if done <= 2 else contextlib.nullcontext():
+            losses = train_step(run.modules, run.optimizers, images, labels,
+                                clip_grad=args.clip_grad, amp_dtype=run.amp_dtype,
+                                scaler=run.scaler)
+        window.append(torch.stack([loss.float().to(run.device) for loss in losses]))  # no sync
+        for scheduler in run.schedulers:
+            scheduler.step()
+        run.step += 1
+        stop = args.max_steps is not None and run.step >= args.max_steps
+        # From step 1 on, so that the ETA (an epoch's estimate, then the run's) shows at once.
+        if done % args.log_every == 0 or done in (1, run.steps_per_epoch) or stop:
+            loss_sums += report_progress(run, done, window, time.perf_counter() - window_start)
+            window, window_start = [], time.perf_counter()
+        if stop:
+            break
+    return done, loss_sums
+
+
+def report_progress(run, done, window, seconds):
+    """The progress line over the steps since the last one (each module's mean loss, lr,
+    images/s, ETA); stops the run at a loss that is not finite, naming the first bad step and
+    module. Returns the window's (K,) summed losses."""
+    losses = torch.stack(window)
+    if run.world > 1:  # the mean over processes: every rank logs the same, and stops together
+        torch.distributed.all_reduce(losses)
+        losses /= run.world
+    bad = (~torch.isfinite(losses)).nonzero()  # checked here, not each step: no host sync
+    if len(bad):
+        row, i = bad[0].tolist()
+        raise FloatingPointError(f"loss of module {i + 1} became {losses[row, i].item()} at step "
+                                 f"{run.step - len(window) + 1 + row} (epoch {run.epoch + 1})")
+    args, images_per_step = run.args, run.args.batch_size * run.world
+    run.train_time += seconds
+    run.train_images += len(window) * images_per_step
+    rate = run.train_images / run.train_time
+    total = min(args.epochs * run.steps_per_epoch, args.max_steps or math.inf)
+    eta = format_duration((total - run.step) * images_per_step / rate)
+    module_losses = " ".join(f"{v:.4f}" for v in losses.mean(0).tolist())
+    lr = run.schedulers[0].get_last_lr()[0]
+    print(f"epoch {run.epoch + 1}/{args.epochs} step {done}/{run.steps_per_epoch} | loss "
+          f"{module_losses} | lr {lr:.2e} | {rate:.0f} img/s | ETA {eta}", flush=True)
+    return losses.sum(0)
+
+
+def evaluate_epoch(run, done):
+    """Validation and test loss and accuracy. Test is reported, never used to choose. An epoch
+    cut by --max-steps (a trial) is evaluated on as many images as it trained on."""
+    record, batch = {}, run.args.batch_size
+    for name, split in (("val", run.data[1]), ("test", run.data[2])):
+        if split is None:
+            continue
+        if done < run.steps_per_epoch:  # not a whole 224-px test set after a few steps
+            split = split.subset(slice(0, done * batch * run.world))
+            record[f"{name}_images"] = len(split)
+        loss, acc = evaluate(run.net, split, run.device, batch, run.amp_dtype, name)
+        record[f"{name}_loss"], record[f"{name}_acc"] = loss, acc
+    return record
+
+
+def print_epoch(run, record):
+    parts = [f"epoch {record['epoch']}/{run.args.epochs}"]
+    for name in ("val", "test"):
+        if f"{name}_acc" in record:
+            part = f"{name} loss {record[name + '_loss']:.4f} acc {record[name + '_acc']:.2f}%"
+            if f"{name}_images" in record:
+                part += f" (first {record[name + '_images']} images)"
+            parts.append(part)
+    parts.append(f"{record['train_time_s']:.0f} s")
+    print(" | ".join(parts), flush=True)
+
+
+def finish(run):
+    """results.json, once: the last epoch's accuracies, the best validation epoch, peak memory,
+    images/s, the full config."""
+    results = {"ranks_identical": ranks_identical(run.net)} if run.world > 1 else {}
+    last = run.history[-1] if run.history else {}
+    with_val = [r for r in run.history if "val_acc" in r]
+    best = max(with_val, key=lambda r: r["val_acc"]) if with_val else {}
+    peak = run.peak_bytes / 2**20 if run.peak_bytes else None
+    results |= {"test_acc": last.get("test_acc"), "val_acc": last.get("val_acc"),
+                "best_val_acc": best.get("val_acc"), "best_val_epoch": best.get("epoch"),
+                "peak_memory_mib": peak, "epochs": run.epoch, "steps": run.step,
+                "images_per_second": run.train_images / max(run.train_time, 1e-9),
+                "wall_time_s": run.wall_time,
+                **run_info(run.args, run.net, run.device, run.optimizers, run.world)}
+    if run.rank == 0:
+        write_json(run.path("results.json"), results)
+    line = f"done: test acc {results['test_acc']:.2f}%"
+    if results["val_acc"] is not None:
+        line += f", val acc {results['val_acc']:.2f}%"
+    print(f"{line} | peak memory {peak or float('nan'):.0f} MiB | "
+          f"{results['images_per_second']:.0f} img/s | {run.path('results.json')}")
+    return results
+
+
+# ---- Parallelism: data parallel under torchrun, a module per device ------------------------
+
+def init_distributed(device):
+    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on CUDA and gloo on the
+    CPU, and take this process's GPU. Returns (rank, world size, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, device
+
+
+def on_rank0_first(fn, rank, world, others=True):
+    """fn() on rank 0 first (a download, the output folder), then, if `others`, on every other
+    process. A ConfigError on rank 0 is raised on every process, so that none waits for it."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except ConfigError as e:
+            error = str(e)
+    if world > 1:
+        verdict = [error]
+        torch.distributed.broadcast_object_list(verdict, src=0)
+        error = verdict[0]
+    if error is not None:
+        raise ConfigError(error)
+    return fn() if rank and others else result
+
+
+def distribute(modules, device):
+    """Data parallelism: each module, with its auxiliary block, in its own
+    DistributedDataParallel. Local learning runs one backward per module per step, which one
+    wrapper around the whole network cannot follow; one per module sees one backward each.
+    The contrastive loss and BatchNorm see each process's own part of the batch (our choice)."""
+    device_ids = [device] if device.type == "cuda" else None
+    # A 1x1 conv's gradient can come back channels-last: the same memory order as its weight
+    # for a 1x1 kernel, but DDP compares strides and warns on every step.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return [nn.parallel.DistributedDataParallel(m, device_ids=device_ids) for m in modules]
+
+
+@torch.no_grad()
+def ranks_identical(net):
+    """Under DDP: does every process hold exactly rank 0's parameters? (Checked at the end.)"""
+    same = torch.ones((), device=next(net.parameters()).device)
+    for p in net.parameters():
+        reference = p.detach().clone()
+        torch.distributed.broadcast(reference, src=0)
+        same *= torch.equal(reference, p)
+    torch.distributed.all_reduce(same, op=torch.distributed.ReduceOp.MIN)
+    return bool(same.item())
+
+
+def place(net, devices):
+    """Put module i, with its auxiliary block and optimizer state to come, on devices[i]
+    (module 1 with the patch embedding). Before the optimizers are made."""
+    if len(devices) != len(net.local_modules):
+        raise ConfigError(f"--devices names {len(devices)} devices for {len(net.local_modules)} "
+                          "modules: give one per module")
+    for module, device in zip(net.local_modules, devices):
+        module.to(device)
+    return net
+
+
+# ---- Command line ---------------------------------------------------------------------------
 
 def int_list(text):
     return tuple(map(int, text.split(",")))
@@ -1153,63 +1615,153 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__.split("\n\n")[0])
-    a = p.add_argument
+    a, d = p.add_argument, PAPER
     a("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)} (default %(default)s)")
-    a("--data-dir", default="./data", help="where data sets are (downloaded); for imagefolder: DIR/train, DIR/val or DIR/test (default %(default)s)")
-    a("--no-download", action="store_true", help="never download; fail if the data set is not in --data-dir")
+    a("--data-dir", default="./data", help="where data sets are (downloaded); for imagefolder: "
+      "DIR/train, DIR/val or DIR/test (default %(default)s)")
+    a("--no-download", action="store_true", help="never download; fail if the data is not there")
     a("--arch", default="swin-t", help=f"one of {', '.join(ARCHS)} (default %(default)s)")
-    a("--img-size", type=int, default=224, help="images are resized to this, as in the paper (default %(default)s)")
-    a("--patch-size", type=int, help="patch embedding stride p (default 4)")
-    a("--window-size", type=int, help="attention window M (default 7, or 12 at 384 px)")
+    a("--img-size", type=int, default=d.img_size, help="images are resized to this, as in the "
+      "paper (default %(default)s)")
+    a("--patch-size", type=int, help=f"patch embedding stride p (default {d.patch_size})")
+    a("--window-size", type=int, help=f"attention window M (default {d.window_size}, 12 at 384 px)")
     a("--embed-dim", type=int, help="channels C of stage 1 (default: the arch's)")
     a("--depths", type=int_list, help="blocks per stage, e.g. 2,2,6,2 (default: the arch's)")
-    a("--heads", type=int_list, help="attention heads per stage, e.g. 3,6,12,24 (default: the arch's)")
-    a("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (swin-t/s/b at 224 px), classifier new")
-    a("--drop-path", type=float, help="stochastic depth rate of the last block (default: the arch's)")
-    a("--k", type=int, help="number of gradient-isolated modules K (default 4; 1 is end-to-end training)")
-    a("--split", default="paper", help="'paper' (design note 3), 'balanced' (measured: the largest module as small as possible) or the blocks "
-      "(numbered from 1) after which modules 1..K-1 end, e.g. 2,4,10 (default %(default)s)")
+    a("--heads", type=int_list, help="heads per stage, e.g. 3,6,12,24 (default: the arch's)")
+    a("--pretrained", action="store_true", help="start from torchvision's ImageNet weights "
+      "(swin-t/s/b at 224 px), with a new classifier")
+    a("--drop-path", type=float, help="stochastic depth rate of the last block (default: arch's)")
+    a("--k", type=int, help=f"gradient-isolated modules K (default {d.k}; 1 is end-to-end)")
+    a("--split", default="paper", help="'paper' (design note 3), 'balanced' (measured: the "
+      "largest module as small as possible) or the blocks (numbered from 1) after which modules "
+      "1..K-1 end, e.g. 2,4,10 (default %(default)s)")
     a("--method", default="ours", help=f"one of {', '.join(METHODS)} (default %(default)s)")
-    a("--decoder", default="interp", help="reconstruction decoder: interp, deconv or deconv4 (default %(default)s)")
-    a("--lambdas", type=float_list, help="reconstruction weights of modules 1..K-1 (default: 3.0 falling linearly to 0.0)")
-    a("--mus", type=float_list, help="contrastive weights of modules 1..K-1 (default: 1.0 rising linearly to 4.0)")
-    a("--temperature", type=float, default=0.07, help="NT-Xent temperature (default %(default)s)")
-    a("--epochs", type=int, default=300, help="training epochs (default %(default)s)")
-    a("--warmup-epochs", type=int, help="linear warm-up epochs before the cosine decay (default: epochs / 15, so 20 of 300)")
-    a("--batch-size", type=int, default=128, help="images per step (default %(default)s)")
-    a("--lr", type=float, help="peak learning rate (default 5e-4 * batch-size / 512)")
-    a("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on biases, norms, position tables) (default %(default)s)")
-    a("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy losses (default %(default)s)")
-    a("--clip-grad", type=float, default=5.0, help="gradient norm clipping, per module (default %(default)s)")
-    a("--val-split", type=float, default=0.0, help="fraction of the training set held out to choose settings on (default %(default)s)")
-    a("--crop-scale", type=float, default=0.35, help="smallest area fraction a random resized crop keeps (default %(default)s)")
-    a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes that decode an imagefolder, once (default %(default)s)")
-    a("--checkpoint", action="store_true", help="recompute each block's activations in the backward pass (less memory, more compute)")
-    a("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision (fp16 on CUDA only) (default %(default)s)")
-    a("--device", help="cuda, cuda:1, cpu, ... (default: cuda when present)")
-    a("--devices", help="one device per module, e.g. cuda:0,cuda:1,cuda:2,cuda:3: module i runs on the i-th (overrides --device)")
-    a("--seed", type=int, default=0, help="random seed: the same seed gives the same run (default %(default)s)")
-    a("--out", help="output folder (default runs/DATASET-ARCH-kK-METHOD, or runs/memory-ARCH-kK-METHOD-bBATCH)")
+    a("--decoder", default="interp", help=f"one of {', '.join(DECODERS)} (default %(default)s)")
+    a("--lambdas", type=float_list, help="reconstruction weights of modules 1..K-1 (default: "
+      f"{d.lambdas[0]} to {d.lambdas[1]}, linearly)")
+    a("--mus", type=float_list, help="contrastive weights of modules 1..K-1 (default: "
+      f"{d.mus[0]} to {d.mus[1]}, linearly)")
+    a("--temperature", type=float, default=d.temperature, help="NT-Xent temperature "
+      "(default %(default)s)")
+    a("--epochs", type=int, default=d.epochs, help="training epochs (default %(default)s)")
+    a("--warmup-epochs", type=int, help="linear warm-up epochs before the cosine decay "
+      "(default: epochs / 15, so 20 of 300)")
+    a("--batch-size", type=int, default=d.batch_size, help="images per step, per process "
+      "(default %(default)s)")
+    a("--lr", type=float, help=f"peak learning rate (default {d.lr_per_512} x global batch / 512)")
+    a("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (none on "
+      "biases, norms, position tables) (default %(default)s)")
+    a("--label-smoothing", type=float, default=d.label_smoothing, help="of every cross-entropy "
+      "(default %(default)s)")
+    a("--clip-grad", type=float, default=d.clip_grad, help="gradient norm clipping, per module "
+      "(default %(default)s)")
+    a("--val-split", type=float, default=0.0, help="share of the training set held out to choose "
+      "settings on (default %(default)s)")
+    a("--crop-scale", type=float, default=d.crop_scale, help="smallest area share a random "
+      "resized crop keeps (default %(default)s)")
+    a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes that decode an "
+      "imagefolder, once (default %(default)s)")
+    a("--checkpoint", action="store_true", help="recompute each block's activations in the "
+      "backward pass (less memory, more compute)")
+    a("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision (fp16 on "
+      "CUDA only) (default %(default)s)")
+    a("--device", help="cuda, cuda:1, cpu, mps ... (default: cuda when present)")
+    a("--devices", help="one device per module, e.g. cuda:0,cuda:1,cuda:2,cuda:3: module i runs "
+      "on the i-th (overrides --device)")
+    a("--seed", type=int, default=0, help="the same seed gives the same run (default %(default)s)")
+    a("--out", help="output folder (default runs/DATASET-ARCH-kK-METHOD, or "
+      "runs/memory-ARCH-kK-METHOD-bBATCH)")
     a("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    a("--overwrite", action="store_true", help="replace the run in --out (without it, a folder that holds a run is refused)")
-    a("--max-steps", type=int, help="stop after this many training steps in all (with --measure-memory: steps timed, default 3)")
-    a("--log-every", type=int, default=50, help="print a progress line every this many steps (default %(default)s)")
-    a("--measure-memory", action="store_true", help="measure peak training memory and step time on random tensors, then exit")
+    a("--overwrite", action="store_true", help="replace the run in --out (without it, a folder "
+      "that holds a run is refused)")
+    a("--max-steps", type=int, help="stop after this many training steps in all (with "
+      "--measure-memory: steps timed, default 3)")
+    a("--log-every", type=int, default=50, help="a progress line every this many steps "
+      "(default %(default)s)")
+    a("--measure-memory", action="store_true", help="measure peak training memory and step time "
+      "on random tensors, then exit")
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    # SIGTERM (what a scheduler sends before it preempts a job) stops a run as Ctrl-C does; SIGINT is
-    # set too, because a shell starts background jobs with it ignored.
-    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+RANGES = [  # (flags, test, what a value must be): every flag with a range, checked up front
+    (("batch_size", "epochs", "log_every", "img_size", "max_steps", "patch_size", "window_size",
+      "embed_dim", "depths", "heads"), lambda v: v >= 1, "at least 1"),
+    (("lr", "temperature", "clip_grad"), lambda v: 0 < v < math.inf, "positive and finite"),
+    (("weight_decay", "warmup_epochs", "workers", "lambdas", "mus"), lambda v: 0 <= v < math.inf,
+     "non-negative and finite"),
+    (("drop_path", "label_smoothing", "val_split"), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("crop_scale",), lambda v: 0 < v <= 1, "in (0, 1]"),
+]
+
+
+def check_flags(args):
+    """A bad value is one line, before anything is read or written."""
+    for flags, ok, must in RANGES:
+        for flag in flags:
+            value = getattr(args, flag)
+            values = value if isinstance(value, tuple) else (value,)
+            if value is not None and not all(ok(v) for v in values):
+                raise ConfigError(f"--{flag.replace('_', '-')} {value}: must be {must}")
+    if args.warmup_epochs is None:
+        args.warmup_epochs = round(args.epochs * PAPER.warmup_share)
+    if args.warmup_epochs > args.epochs:
+        raise ConfigError(f"--warmup-epochs {args.warmup_epochs} is more than --epochs "
+                          f"{args.epochs}: the peak lr would never be reached")
+    if args.resume and (args.measure_memory or args.overwrite):
+        other = "measure-memory" if args.measure_memory else "overwrite"
+        raise ConfigError(f"--resume and --{other} do not go together")
+
+
+def pick_devices(args):
+    """(device, devices or None): --device, or one device per module with --devices."""
     try:
-        return run(parse_args(argv))
+        devices = [torch.device(d) for d in args.devices.split(",")] if args.devices else None
+        default = "cuda" if torch.cuda.is_available() else "cpu"
+        device = devices[0] if devices else torch.device(args.device or default)
+    except RuntimeError as e:
+        raise ConfigError(f"--device(s): {e}")
+    for d in devices or [device]:
+        if d.type not in ("cpu", "cuda", "mps"):
+            raise ConfigError(f"--device(s): {d.type} is not supported here; use cpu, cuda or mps")
+        if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"--device(s): {d} is not available here "
+                              f"({torch.cuda.device_count()} CUDA devices)")
+        if d.type == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError("--device(s): mps is not available here")
+    if devices and len({d.type for d in devices}) > 1:  # a non-blocking copy to the CPU races
+        raise ConfigError(f"--devices {args.devices}: mixes device types; put every module on "
+                          "the same kind of device")
+    return device, devices
+
+
+def interrupted(signum, frame):
+    """SIGINT or SIGTERM (a scheduler's notice): stop as Ctrl-C does, and ignore any further
+    signal, so that one message is printed however many arrive."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    # SIGINT is set too: a shell starts background jobs with it ignored.
+    previous = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+    args = None
+    try:
+        args = parse_args(argv)
+        return run(args)
     except KeyboardInterrupt:
-        print("error: interrupted; last.pt in the output folder holds the last finished epoch (--resume continues)", file=sys.stderr)
+        out = getattr(args, "out", None)
+        kept = ""
+        if out and os.path.exists(os.path.join(out, "last.pt")):
+            kept = f"; {out}/last.pt holds the last finished epoch (--resume continues)"
+        print(f"error: interrupted{kept}", file=sys.stderr)
         return 130
     except ConfigError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever it says
         return 2
+    except RunError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     except FloatingPointError as e:
         print(f"error: {e}; stopping", file=sys.stderr)
         return 3
@@ -1217,129 +1769,139 @@ def main(argv=None):
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if torch.distributed.is_initialized():
-            # The DDP wrappers sit in a reference cycle with the network; left to the interpreter's exit, their
-            # gloo threads are destroyed after Python and abort the process (SIGABRT, about one run in 15 here).
-            gc.collect()
             torch.distributed.destroy_process_group()
 
 
 def run(args):
-    # --- check the flags and pick the devices; a bad value is one line, before anything is read or written
-    def check(flags, ok, must):
-        for flag in flags:
-            value = getattr(args, flag)
-            if value is not None and not all(ok(v) for v in (value if isinstance(value, tuple) else (value,))):
-                raise ConfigError(f"--{flag.replace('_', '-')} {value}: must be {must}")
-    check(("batch_size", "epochs", "log_every", "img_size", "max_steps", "patch_size", "window_size", "embed_dim", "depths",
-           "heads"), lambda v: v >= 1, "at least 1")
-    check(("lr", "temperature", "clip_grad"), lambda v: 0 < v < math.inf, "positive and finite")
-    check(("weight_decay", "warmup_epochs", "workers", "lambdas", "mus"), lambda v: 0 <= v < math.inf, "non-negative and finite")
-    check(("drop_path", "label_smoothing", "val_split"), lambda v: 0 <= v < 1, "in [0, 1)")
-    check(("crop_scale",), lambda v: 0 < v <= 1, "in (0, 1]")
-    args.warmup_epochs = round(args.epochs / 15) if args.warmup_epochs is None else args.warmup_epochs
-    if args.warmup_epochs > args.epochs:
-        raise ConfigError(f"--warmup-epochs {args.warmup_epochs} is more than --epochs {args.epochs}: the peak lr would never be reached")
-    if args.resume and (args.measure_memory or args.overwrite):
-        raise ConfigError(f"--resume and --{'measure-memory' if args.measure_memory else 'overwrite'} do not go together")
-    try:
-        devices = [torch.device(d) for d in args.devices.split(",")] if args.devices else None
-        device = devices[0] if devices else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise ConfigError(f"--device(s): {e}")
-    for d in devices or [device]:
-        if d.type not in ("cpu", "cuda", "mps"):
-            raise ConfigError(f"--device(s): {d.type} is not supported here; use cpu, cuda or mps")
-        if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
-            raise ConfigError(f"--device(s): {d} is not available here ({torch.cuda.device_count()} CUDA devices)")
+    check_flags(args)
+    device, devices = pick_devices(args)
     rank, world, device = init_distributed(device)
     if world > 1 and devices:
-        raise ConfigError("--devices (a module per device) does not combine with torchrun (data parallel) yet")
+        raise ConfigError("--devices (a module per device) does not combine with torchrun "
+                          "(data parallel) yet")
     if rank:
         sys.stdout = open(os.devnull, "w")  # rank 0 alone prints progress
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     if amp_dtype is torch.float16 and device.type != "cuda":
         raise ConfigError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
+    net, data, num_classes = build(args, device, devices, rank, world)
+    lock = on_rank0_first(lambda: take_folder(args), rank, world, others=False)
+    try:
+        modules = distribute(net.local_modules, device) if world > 1 else net.local_modules
+        lr = args.lr if args.lr is not None else PAPER.lr_per_512 * args.batch_size * world / 512
+        describe(net, lr, device, args, world)
+        per_epoch = 10 if args.measure_memory else len(data[0]) // (args.batch_size * world)
+        optimizers, schedulers = make_optimizers(
+            modules, lr=lr, weight_decay=args.weight_decay, total_steps=args.epochs * per_epoch,
+            warmup_steps=args.warmup_epochs * per_epoch)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+        if args.measure_memory:
+            return measure(args, net, modules, optimizers, scaler, device, amp_dtype, world,
+                           num_classes)
+        train(Run(args, net, modules, optimizers, schedulers, scaler, device, amp_dtype, data,
+                  rank, world))
+        return 0
+    finally:
+        if lock is not None:
+            lock.close()
 
-    # --- the model, the data and the output folder: every check before anything is written
+
+def build(args, device, devices, rank, world):
+    """The model, its split and the data, every check included: nothing is written yet."""
     torch.manual_seed(args.seed)
     num_classes = count_classes(args.dataset, args.data_dir)
-    backbone = build_model(args.arch, num_classes, args.img_size, patch_size=args.patch_size, window_size=args.window_size,
-                           embed_dim=args.embed_dim, depths=args.depths, heads=args.heads, drop_path=args.drop_path)
-    ends = resolve_split("paper" if args.split == "balanced" else args.split, args.k, [len(s) for s in backbone.stages])
+    backbone = build_model(args.arch, num_classes, args.img_size, patch_size=args.patch_size,
+                           window_size=args.window_size, embed_dim=args.embed_dim,
+                           depths=args.depths, heads=args.heads, drop_path=args.drop_path)
+    depths = [len(stage) for stage in backbone.stages]
+    ends = resolve_split("paper" if args.split == "balanced" else args.split, args.k, depths)
     lambdas = lambda_mu_schedule(len(ends), args.lambdas, args.mus)[0]
-    if args.pretrained:  # before the data set: a refused --pretrained must not start a download; the classifier stays new
-        shape = dict(zip(("embed_dim", "depths", "heads"), ARCHS[args.arch][:3]), patch_size=4, window_size=7, img_size=224)
-        if any(getattr(args, key) not in (None, value) for key, value in shape.items()):
-            raise ConfigError(f"--pretrained: torchvision's weights are for {args.arch} as published, at 224 px; "
-                              "drop --img-size, --patch-size, --window-size, --embed-dim, --depths and --heads")
+    if args.pretrained:  # before the data: a refused --pretrained must not start a download
+        check_pretrained(args)
         load_torchvision_weights(backbone, pretrained_state_dict(args.arch), with_head=False)
-    if not args.measure_memory:
-        train_set, test_set = make_datasets(args.dataset, args.data_dir, args.img_size, not args.no_download, args.workers)
-        train_set, val_set = validation_split(train_set, args.val_split)
-        if len(train_set) < args.batch_size * world:
-            raise ConfigError(f"--batch-size {args.batch_size} x {world} processes is more than the {len(train_set)} training images")
+    data = None
+    if not args.measure_memory:  # one process downloads, the others then read
+        data = on_rank0_first(lambda: load_data(args, world), rank, world)
     name = f"{args.arch}-k{len(ends) + 1}-{args.method}"
-    args.out = args.out or os.path.join("runs", f"memory-{name}-b{args.batch_size}" if args.measure_memory else f"{args.dataset}-{name}")
-    held = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
-    if held and not (args.resume or args.overwrite):  # a user's results are never replaced unasked
-        raise ConfigError(f"--out {args.out} holds a run ({', '.join(held)}): --resume continues it, --overwrite replaces it")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out {args.out}: cannot write there ({e.strerror or e})")
-    for f in held if args.overwrite else []:  # asked for explicitly; every check has passed
-        os.remove(os.path.join(args.out, f))
-
-    # --- cut it into modules, place them, wrap them
-    net_options = dict(method=args.method, decoder=args.decoder, temperature=args.temperature, label_smoothing=args.label_smoothing,
-                       checkpoint=args.checkpoint)
+    default = f"{args.dataset}-{name}"
+    if args.measure_memory:
+        default = f"memory-{name}-b{args.batch_size}"
+    args.out = args.out or os.path.join("runs", default)
+    refuse_held(args)  # early, before a long balanced-split search
+    options = dict(method=args.method, decoder=args.decoder, temperature=args.temperature,
+                   label_smoothing=args.label_smoothing, checkpoint=args.checkpoint)
     if args.split == "balanced":  # the same K, cut where the largest module is smallest
-        ends, shares = balanced_split(backbone.to(device), len(ends) + 1, lambdas, batch_size=args.batch_size,
-                                      device=device, **net_options)
-        print(f"balanced split at batch {args.batch_size}: modules 1..K-1 end after blocks {','.join(map(str, ends))}; "
-              f"each module's memory as a share of E2E's (measured): {' '.join(f'{s:.2f}' for s in shares)}")
-    net = LocalSwin(backbone, ends, lambdas=args.lambdas, mus=args.mus, **net_options)
-    net.place(devices or [device] * len(net.specs))
-    if world > 1:
-        distribute(net, device)
-    lr = args.lr if args.lr is not None else 5e-4 * args.batch_size * world / 512  # linear scaling from 5e-4 at 512
-    describe(net, lr, device)
-    if device.type == "cpu" and args.img_size > 64 and not args.measure_memory:
-        print(f"on a CPU, {args.img_size}-px training is slow; the README's small setting (Fashion-MNIST at 32 px) learns in minutes")
-    if world > 1:
-        print(f"data parallel: {world} processes x batch {args.batch_size} = global batch {args.batch_size * world}, "
-              f"lr {lr:.2e}; the contrastive loss and BatchNorm see each process's own batch")
-
-    # --- optimizers; then measure, or train
-    steps_per_epoch = 10 if args.measure_memory else len(train_set) // (args.batch_size * world)
-    optimizers, schedulers = make_optimizers(net, lr=lr, weight_decay=args.weight_decay,
-                                             total_steps=args.epochs * steps_per_epoch, warmup_steps=args.warmup_epochs * steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    if not args.measure_memory:
-        train(args, net, optimizers, schedulers, scaler, (train_set, val_set, test_set), device, amp_dtype)
-        return 0
-    figures = measure_memory(net, optimizers, batch_size=args.batch_size, num_classes=num_classes, device=device,
-                             steps=args.max_steps or 3, clip_grad=args.clip_grad, amp_dtype=amp_dtype, scaler=scaler)
-    figures.update(run_info(args, net, device, optimizers))
-    if rank == 0:
-        write_json(os.path.join(args.out, "results.json"), figures)
-    print(f"peak training memory {figures['peak_memory_mib']:.0f} MiB (activations etc. above parameters and "
-          f"optimizer state: {figures['activation_memory_mib']:.0f} MiB) | {figures['step_gflop']:.1f} GFLOP, "
-          f"{figures['step_time_s']:.3f} s per step ({figures['images_per_second']:.1f} img/s) | {args.out}/results.json")
-    return 0
+        ends, shares = balanced_split(backbone.to(device), len(ends) + 1, lambdas,
+                                      batch_size=args.batch_size, device=device, **options)
+        print(f"balanced split at batch {args.batch_size}: modules 1..K-1 end after blocks "
+              f"{','.join(map(str, ends))}; each module's memory as a share of E2E's "
+              f"(measured): {' '.join(f'{s:.2f}' for s in shares)}")
+    net = LocalSwin(backbone, ends, lambdas=args.lambdas, mus=args.mus, **options)
+    place(net, devices or [device] * len(net.local_modules))
+    return net, data, num_classes
 
 
-def describe(net, lr, device):
+def check_pretrained(args):
+    shape = dict(embed_dim=ARCHS[args.arch].embed_dim, depths=ARCHS[args.arch].depths,
+                 heads=ARCHS[args.arch].heads, patch_size=4, window_size=7, img_size=224)
+    if any(getattr(args, key) not in (None, value) for key, value in shape.items()):
+        raise ConfigError(f"--pretrained: torchvision's weights are for {args.arch} as published, "
+                          "at 224 px; drop --img-size, --patch-size, --window-size, --embed-dim, "
+                          "--depths and --heads")
+
+
+def load_data(args, world):
+    """(train, val or None, test) ImageSets, the validation split held out of the training set."""
+    train_set, test_set = make_datasets(args.dataset, args.data_dir, args.img_size,
+                                        not args.no_download, args.workers)
+    train_set, val_set = validation_split(train_set, args.val_split)
+    if len(train_set) < args.batch_size * world:
+        raise ConfigError(f"--batch-size {args.batch_size} x {world} processes is more than the "
+                          f"{len(train_set)} training images")
+    return train_set, val_set, test_set
+
+
+def describe(net, lr, device, args, world):
     """What is about to be trained, in a few lines: the split and each module's shapes."""
     millions = [sum(p.numel() for p in part.parameters()) / 1e6 for part in (net.backbone, net.aux)]
-    print(f"Swin: {millions[0]:.2f} M parameters, auxiliary blocks {millions[1]:.2f} M | "
-          f"K={len(net.specs)} {'end-to-end' if len(net.specs) == 1 else 'method ' + net.method} | lr {lr:.2e} | device {device}")
-    bounds = (0, *net.ends, sum(len(stage) for stage in net.backbone.stages))  # module i: blocks bounds[i]+1 .. bounds[i+1]
-    for i, spec in enumerate(net.specs):
-        loss = "cross-entropy (eq. 3)" if i == len(net.specs) - 1 else (
-            "cross-entropy" if net.method == "greedy-ce" else f"lambda {net.lambdas[i]:.2f}, mu {net.mus[i]:.2f} (eq. 2)")
-        print(f"  module {i + 1}: blocks {bounds[i] + 1}-{bounds[i + 1]} | {spec.in_res}x{spec.in_res}x{spec.in_dim} -> "
-              f"{spec.out_res}x{spec.out_res}x{spec.out_dim} | {loss}")
+    k = len(net.specs)
+    kind = "end-to-end" if k == 1 else f"method {net.method}"
+    print(f"Swin: {millions[0]:.2f} M parameters, auxiliary blocks {millions[1]:.2f} M | K={k} "
+          f"{kind} | lr {lr:.2e} | device {device}")
+    bounds = (0, *net.ends, sum(len(stage) for stage in net.backbone.stages))
+    for i, spec in enumerate(net.specs):  # module i + 1 holds blocks bounds[i]+1 .. bounds[i+1]
+        if i == k - 1:
+            loss = "cross-entropy (eq. 3)"
+        elif net.method == "greedy-ce":
+            loss = "cross-entropy"
+        else:
+            loss = f"lambda {net.lambdas[i]:.2f}, mu {net.mus[i]:.2f} (eq. 2)"
+        shapes = (f"{spec.in_res}x{spec.in_res}x{spec.in_dim} -> "
+                  f"{spec.out_res}x{spec.out_res}x{spec.out_dim}")
+        print(f"  module {i + 1}: blocks {bounds[i] + 1}-{bounds[i + 1]} | {shapes} | {loss}")
+    if device.type == "cpu" and args.img_size > 64 and not args.measure_memory:
+        print(f"on a CPU, {args.img_size}-px training is slow; the README's small setting "
+              "(Fashion-MNIST at 32 px) learns in minutes")
+    if world > 1:
+        print(f"data parallel: {world} processes x batch {args.batch_size} = global batch "
+              f"{args.batch_size * world}, lr {lr:.2e}; the contrastive loss and BatchNorm see "
+              "each process's own batch")
+
+
+def measure(args, net, modules, optimizers, scaler, device, amp_dtype, world, num_classes):
+    """--measure-memory: the figures, printed and written to results.json (by rank 0)."""
+    figures = measure_memory(net, optimizers, modules=modules, batch_size=args.batch_size,
+                             num_classes=num_classes, device=device, steps=args.max_steps or 3,
+                             clip_grad=args.clip_grad, amp_dtype=amp_dtype, scaler=scaler)
+    figures.update(run_info(args, net, device, optimizers, world))
+    if torch.distributed.is_initialized() and torch.distributed.get_rank():
+        return 0
+    write_json(os.path.join(args.out, "results.json"), figures)
+    print(f"peak training memory {figures['peak_memory_mib']:.0f} MiB (activations etc. above "
+          f"parameters and optimizer state: {figures['activation_memory_mib']:.0f} MiB) | "
+          f"{figures['step_gflop']:.1f} GFLOP, {figures['step_time_s']:.3f} s per step "
+          f"({figures['images_per_second']:.1f} img/s) | {args.out}/results.json")
+    return 0
 
 
 if __name__ == "__main__":

@@ -230,8 +230,8 @@ for name, ends in (("e2e", ()), ("ours-k4", (2, 4, 10))):
     backbone = L.build_model("swin-t", 1000, 224)
     for block in [m for m in backbone.modules() if isinstance(m, L.SwinBlock)]:
         block.attn, block.mlp = L.Checkpointed(block.attn), L.Checkpointed(*block.mlp)
-    net = L.LocalSwin(backbone, ends).place([device] * (len(ends) + 1))
-    optimizers, _ = L.make_optimizers(net, lr=1e-4, weight_decay=0.05, total_steps=10, warmup_steps=0)
+    net = L.place(L.LocalSwin(backbone, ends), [device] * (len(ends) + 1))
+    optimizers, _ = L.make_optimizers(net.local_modules, lr=1e-4, weight_decay=0.05, total_steps=10, warmup_steps=0)
     r = L.measure_memory(net, optimizers, batch_size=int(sys.argv[1]), num_classes=1000, device=device, steps=2)
     print(f"| {name}-checkpoint-attn-mlp-apart | {r['peak_memory_mib']:.0f} | " + " | ".join(
         f"{r[k]:.{p}f} | {r[k] / base[k]:.3f}" for k, p in (("activation_memory_mib", 0), ("step_gflop", 0), ("step_time_s", 3))) + " |")

@@ -184,7 +184,7 @@ def test_modules_compose_to_the_whole_network():
             x = spec.layers(x)
         assert torch.equal(x, net(images))
     # Every backbone parameter belongs to exactly one module's optimizer, and so does every aux one.
-    owned = [id(p) for i in range(4) for p in net.module_parameters(i)]
+    owned = [id(p) for i in range(4) for p in net.local_modules[i].parameters()]
     assert sorted(owned) == sorted(id(p) for p in net.parameters())
 
 
@@ -209,11 +209,11 @@ def test_gradient_isolation(method):
     any from loss i; the input handed to module i > 1 carries no graph."""
     net = small_net(4, method=method)
     images, labels = batch()
-    recorders = [GradRecorder(net.module_parameters(i)) for i in range(4)]
+    recorders = [GradRecorder(net.local_modules[i].parameters()) for i in range(4)]
     inputs = []
     for spec in net.specs[1:]:
         spec.layers.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
-    L.train_step(net, recorders, images, labels, clip_grad=float("inf"))
+    L.train_step(net.local_modules, recorders, images, labels, clip_grad=float("inf"))
     assert len(inputs) == 3 and not any(x.requires_grad or x.grad_fn is not None for x in inputs)
 
     everything = list(net.parameters())
@@ -221,7 +221,7 @@ def test_gradient_isolation(method):
     for i, (spec, recorder) in enumerate(zip(net.specs, recorders)):
         x_in = net.backbone.patch_embed(x) if i == 0 else x
         out = spec.layers(x_in)
-        loss = net.local_loss(i, x_in, out, images, labels)
+        loss = net.local_modules[i].loss(out, x_in, images, labels)
         grads = dict(zip(map(id, everything), torch.autograd.grad(loss, everything, allow_unused=True)))
         mine = {id(p) for p in recorder.param_groups[0]["params"]}
         assert all(g is None or not g.any() for pid, g in grads.items() if pid not in mine), f"loss {i + 1} leaks"
@@ -240,9 +240,9 @@ def test_checkpointing_gives_the_same_gradients_in_less_memory(k):
         torch.manual_seed(0)
         backbone = L.build_model("swin-t", 10, **{**SMALL, "drop_path": 0.5})
         net = L.LocalSwin(backbone, L.resolve_split("paper", k, (2, 2, 6, 2)), checkpoint=checkpoint)
-        recorders = [GradRecorder(net.module_parameters(i)) for i in range(k)]
+        recorders = [GradRecorder(net.local_modules[i].parameters()) for i in range(k)]
         torch.manual_seed(1)
-        L.train_step(net, recorders, *batch(), clip_grad=float("inf"))
+        L.train_step(net.local_modules, recorders, *batch(), clip_grad=float("inf"))
         grads[checkpoint] = [g for r in recorders for g in r.grads]
         torch.manual_seed(1)
         activations[checkpoint] = L.measure_memory(net, recorders, batch_size=16, num_classes=10, device=torch.device("cpu"),
@@ -256,8 +256,8 @@ def test_checkpointing_gives_the_same_gradients_in_less_memory(k):
 def test_k1_is_exactly_end_to_end():
     net = small_net(1)
     images, labels = batch()
-    recorder = GradRecorder(net.module_parameters(0))
-    L.train_step(net, [recorder], images, labels, clip_grad=float("inf"))
+    recorder = GradRecorder(net.local_modules[0].parameters())
+    L.train_step(net.local_modules, [recorder], images, labels, clip_grad=float("inf"))
     params = recorder.param_groups[0]["params"]
     assert len(net.aux) == 0 and len(params) == len(list(net.backbone.parameters()))
     loss = F.cross_entropy(net.backbone(images), labels, label_smoothing=0.1)
@@ -280,7 +280,7 @@ def test_balanced_split_holds_no_more_than_the_paper_split(checkpoint):
     measured = {}
     for name, split in (("e2e", ()), ("paper", (2, 4, 10)), ("balanced", ends)):
         net = L.LocalSwin(backbone, split, **{**options, "checkpoint": checkpoint and name != "e2e"})
-        optimizers, _ = L.make_optimizers(net, lr=1e-3, weight_decay=0.05, total_steps=10, warmup_steps=2)
+        optimizers, _ = L.make_optimizers(net.local_modules, lr=1e-3, weight_decay=0.05, total_steps=10, warmup_steps=2)
         measured[name] = L.measure_memory(net, optimizers, batch_size=16, num_classes=10, device=torch.device("cpu"),
                                           steps=1)["activation_memory_mib"]
     assert measured["balanced"] <= measured["paper"] * 1.01, (ends, measured)
@@ -309,7 +309,7 @@ def test_k4_holds_much_less_activation_memory_than_k1():
     figures = {}
     for k in (1, 4):
         net = small_net(k)
-        optimizers, _ = L.make_optimizers(net, lr=1e-3, weight_decay=0.05, total_steps=10, warmup_steps=2)
+        optimizers, _ = L.make_optimizers(net.local_modules, lr=1e-3, weight_decay=0.05, total_steps=10, warmup_steps=2)
         figures[k] = L.measure_memory(net, optimizers, batch_size=16, num_classes=10, device=torch.device("cpu"), steps=1)
     ratio = figures[4]["activation_memory_mib"] / figures[1]["activation_memory_mib"]
     assert ratio < 0.7, figures
@@ -365,7 +365,7 @@ def test_decoder_reconstructs_the_module_input_for_every_split(decoder):
             x = net.backbone.patch_embed(images)
             for i, (spec, aux) in enumerate(zip(net.specs, net.aux)):
                 x = spec.layers(x)
-                z, recon = aux(x)
+                z, recon = aux.head(x)
                 assert recon.shape == shapes[i], (ends, i)  # module 1 reconstructs the patch embedding
                 assert z.shape == (2, 128) and torch.allclose(z.norm(dim=1), torch.ones(2))
 
@@ -377,9 +377,9 @@ def test_infopro_decoder_reconstructs_the_image():
         x = net.backbone.patch_embed(images)
         for spec, aux in zip(net.specs, net.aux):
             x = spec.layers(x)
-            assert aux(x)[1].shape == images.shape
-    assert all(aux.decoder is None for aux in small_net(4, method="greedy-contrast").aux)
-    assert all(isinstance(aux, L.ClassifierHead) for aux in small_net(4, method="greedy-ce").aux)
+            assert aux.head(x)[1].shape == images.shape
+    assert all(aux.head.decoder is None for aux in small_net(4, method="greedy-contrast").aux)
+    assert all(isinstance(aux.head, L.ClassifierHead) for aux in small_net(4, method="greedy-ce").aux)
 
 
 def test_lambda_mu_schedule():
@@ -401,10 +401,10 @@ def test_eq2_weights_reach_the_loss():
         net = small_net(2, lambdas=[lam], mus=[mu])
         x0 = net.backbone.patch_embed(images)
         out = net.specs[0].layers(x0)
-        losses[lam, mu] = net.local_loss(0, x0, out, images, labels).item()
+        losses[lam, mu] = net.aux[0](out, x0, images, labels).item()
         if lam == 0:
-            assert net.aux[0].decoder is None
-            z, _ = net.aux[0](out)
+            assert net.aux[0].head.decoder is None
+            z, _ = net.aux[0].head(out)
             assert losses[lam, mu] == pytest.approx(L.supervised_nt_xent(z, labels, 0.07).item(), rel=1e-5)
     # (1,2) - (1,1) = L_xy = (0,1)
     assert losses[1.0, 2.0] - losses[1.0, 1.0] == pytest.approx(losses[0.0, 1.0], rel=1e-4)
@@ -654,11 +654,11 @@ rank = torch.distributed.get_rank()
 torch.manual_seed(rank)  # different initial weights on each process: DDP must start them all from rank 0's
 backbone = L.build_model("swin-t", 10, img_size=64, patch_size=2, window_size=4, embed_dim=16, heads=(1, 2, 4, 8))
 net = L.LocalSwin(backbone, (2, 4, 10))
-L.distribute(net, torch.device("cpu"))
-optimizers, _ = L.make_optimizers(net, lr=1e-3, weight_decay=0.05, total_steps=10, warmup_steps=1)
+modules = L.distribute(net.local_modules, torch.device("cpu"))
+optimizers, _ = L.make_optimizers(modules, lr=1e-3, weight_decay=0.05, total_steps=10, warmup_steps=1)
 data = torch.Generator().manual_seed(100 + rank)  # and different data
 for _ in range(3):
-    L.train_step(net, optimizers, torch.randn(8, 3, 64, 64, generator=data), torch.randint(4, (8,), generator=data))
+    L.train_step(modules, optimizers, torch.randn(8, 3, 64, 64, generator=data), torch.randint(4, (8,), generator=data))
 torch.save({name: p.detach() for name, p in net.named_parameters()}, f"{sys.argv[1]}/rank{rank}.pt")
 torch.distributed.destroy_process_group()
 """
@@ -714,15 +714,15 @@ def test_measure_memory_writes_results(tmp_path, capsys):
 
 
 def test_nan_loss_stops_the_run_naming_step_and_module(tmp_path, capsys, monkeypatch):
-    real = L.LocalSwin.local_loss
+    real = L.LocalModule.forward
     calls = []
 
-    def sometimes_nan(self, i, *args):
-        calls.append(i)
-        loss = real(self, i, *args)
-        return loss * float("nan") if len(calls) == 3 * 2 + 2 else loss  # step 3, module 2
+    def sometimes_nan(self, *args):
+        calls.append(self)
+        out, loss = real(self, *args)
+        return out, loss * float("nan") if len(calls) == 3 * 2 + 2 else loss  # step 3, module 2
 
-    monkeypatch.setattr(L.LocalSwin, "local_loss", sometimes_nan)
+    monkeypatch.setattr(L.LocalModule, "forward", sometimes_nan)
     code, cap = run_cli(["--k", "3", "--epochs", "1"], tmp_path, capsys)
     assert code != 0 and "module 2" in cap.err and "step 3" in cap.err
     assert not (tmp_path / "results.json").exists()
