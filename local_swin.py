@@ -17,6 +17,7 @@ comment points at the README's design notes, which decide every point the paper 
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import fcntl
 import json
@@ -621,6 +622,11 @@ class LocalSwin(nn.Module):
 
 # ---- Greedy training (paper 3.2-3.3): one module at a time ---------------------------------
 
+def autocast(device, dtype):
+    """Mixed precision where asked for (torch.autocast takes no "meta" device, even when off)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
 def train_step(modules, optimizers, images, labels, *, clip_grad=PAPER.clip_grad,
                amp_dtype=None, scaler=None):
     """One training step (design note 1) over the K LocalModules, with one optimizer each.
@@ -634,7 +640,7 @@ def train_step(modules, optimizers, images, labels, *, clip_grad=PAPER.clip_grad
         device = device_of(module)
         # To the module's device without a host sync: module i-1's backward may still run there.
         x = x.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             labels_here = labels.to(device, non_blocking=True)
             out, loss = module(x, images.to(device), labels_here)  # x_i = g_i(x_{i-1}), L_i
         scaler.scale(loss).backward()  # frees module i's graph
@@ -743,11 +749,9 @@ def pretrained_state_dict(arch):
 # ---- Memory: the paper's headline claim, measured the same way on every device -------------
 
 class LiveTensorMeter(TorchDispatchMode):
-    """The CPU's stand-in for torch.cuda.max_memory_allocated: the peak number of bytes held by
-    tensor storages that operators allocated while the meter was active and that are still
-    alive (activations kept for backward, gradients, optimizer state, temporaries). A storage
-    counts from the operator that returned it until it is freed; scratch space that a kernel
-    allocates and frees inside itself is not seen."""
+    """The CPU's stand-in for torch.cuda.max_memory_allocated: the peak bytes held by tensor
+    storages that operators returned while the meter was active and that are still alive. A
+    kernel's scratch space, allocated and freed inside it, is not seen."""
 
     def __init__(self):
         super().__init__()
@@ -761,6 +765,8 @@ class LiveTensorMeter(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs))
                   if isinstance(t, torch.Tensor)}
+        if func is torch.ops.aten.lift_fresh.default:  # torch.tensor(...): new, though an input
+            inputs = set()
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
@@ -776,9 +782,8 @@ class LiveTensorMeter(TorchDispatchMode):
 
 
 class PeakMemory:
-    """Peak training memory in bytes. CUDA: max_memory_allocated since this object was made
-    (the largest over the devices, with a module per device). CPU: `baseline` (bytes live
-    before: parameters, and the optimizer state of a resumed run) plus the LiveTensorMeter peak
+    """Peak training memory in bytes. CUDA: max_memory_allocated since this object was made,
+    the largest over the devices. CPU: `baseline` (the bytes live before) plus the meter's peak
     over the regions entered with `region()`. Other devices: None."""
 
     def __init__(self, devices, baseline=0):
@@ -813,12 +818,23 @@ def state_bytes(net, optimizers):
     return tensor_bytes([*net.parameters(), *net.buffers(), *state])
 
 
+def count_flops(net, images, labels, **step_kwargs):
+    """FLOPs of one training step (forward and backward, recomputation and auxiliary blocks
+    included), counted on a copy of the network on the meta device: shapes only, no memory."""
+    meta = copy.deepcopy(net).to("meta")
+    optimizers = [torch.optim.AdamW(module.parameters()) for module in meta.local_modules]
+    step_kwargs = {**step_kwargs, "amp_dtype": None, "scaler": None}  # the same count
+    with FlopCounterMode(display=False) as flops:
+        train_step(meta.local_modules, optimizers, images.to("meta"), labels.to("meta"),
+                   **step_kwargs)
+    return flops.get_total_flops()
+
+
 def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3, modules=None,
                    **step_kwargs):
     """--measure-memory: training steps on random tensors of the configured shape. Returns the
-    peak training memory, the part of it above parameters and optimizer state (activations,
-    gradients, temporaries), the step time (measured apart from the meters' overhead) and the
-    step's FLOPs (forward and backward, auxiliary blocks included: the cost of local learning)."""
+    peak training memory, its part above parameters and optimizer state (activations,
+    gradients, temporaries), the step time (apart from the meter's overhead) and FLOPs."""
     modules = net.local_modules if modules is None else modules
     size = net.backbone.patch_embed.img_size
     images = torch.randn(batch_size, 3, size, size, device=device)
@@ -826,10 +842,10 @@ def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3,
     step = lambda: train_step(modules, optimizers, images, labels, **step_kwargs)  # noqa: E731
     net.train()
     scaler = step_kwargs.get("scaler")
-    for _ in range(10):  # warm-up, until every optimizer holds its state
+    for _ in range(10):  # warm up until every optimizer holds its state:
         scale = scaler.get_scale() if scaler is not None else 1.0
         step()
-        if scaler is None or scaler.get_scale() >= scale:  # an fp16 scaler lowers it on a skip
+        if scaler is None or scaler.get_scale() >= scale:  # fp16's scaler lowers it on a skip
             break
     cuda = {d for d in net.devices if d.type == "cuda"}
     sync = lambda: [torch.cuda.synchronize(d) for d in cuda]  # noqa: E731 (CUDA runs async)
@@ -843,14 +859,11 @@ def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3,
     memory = PeakMemory(net.devices, baseline=state + tensor_bytes([images, labels]))
     with memory.region():
         step()
-    peak = memory.peak_bytes()
-    with FlopCounterMode(display=False) as flops:
-        step()
-    mib = 2**20
+    peak, mib = memory.peak_bytes(), 2**20
     return {"peak_memory_mib": peak and peak / mib, "state_memory_mib": state / mib,
             "activation_memory_mib": peak and (peak - state) / mib,
-            "step_gflop": flops.get_total_flops() / 1e9, "step_time_s": step_time,
-            "images_per_second": batch_size / step_time}
+            "step_gflop": count_flops(net, images, labels, **step_kwargs) / 1e9,
+            "step_time_s": step_time, "images_per_second": batch_size / step_time}
 
 
 # ---- The memory-balanced split (--split balanced; README, Scaling) --------------------------
@@ -971,8 +984,7 @@ def as_image_set(dataset):
         images = images[:, None]
     elif images.shape[-1] == 3:  # CIFAR: (N, H, W, 3)
         images = rearrange(images, "n h w c -> n c h w")
-    labels = getattr(dataset, "targets", None)
-    labels = dataset.labels if labels is None else labels  # SVHN and STL-10 say labels
+    labels = dataset.labels if hasattr(dataset, "labels") else dataset.targets  # SVHN, STL-10
     return ImageSet(images.contiguous(), torch.as_tensor(labels, dtype=torch.long))
 
 
@@ -1001,12 +1013,13 @@ def list_images(folder):
             walked.add(os.path.realpath(root))
             for file in sorted(files):
                 extension = os.path.splitext(file)[1].lower() or "no extension"
-                if extension in datasets.folder.IMG_EXTENSIONS:
-                    paths.append(os.path.join(root, file))
-                    labels.append(label)
-                else:
+                if extension not in datasets.folder.IMG_EXTENSIONS:
                     skipped[extension] = skipped.get(extension, 0) + 1
-    empty = [name for label, name in enumerate(classes) if label not in set(labels)]
+                    continue
+                paths.append(os.path.join(root, file))
+                labels.append(label)
+    found = set(labels)
+    empty = [name for label, name in enumerate(classes) if label not in found]
     if not classes or empty:
         raise ConfigError(f"--dataset imagefolder: Found no valid file for the classes "
                           f"{', '.join(empty) or '(no class folders)'} in {folder}")
@@ -1049,16 +1062,15 @@ def decode_folder(folder, img_size, workers):
     folder of large images would not fit in memory at full size) and converted to RGB."""
     paths, labels, classes = list_images(folder)
     print(f"decoding {len(paths)} images in {folder} once, at {img_size} x {img_size}", flush=True)
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, labels, img_size), batch_size=256,
-                                         num_workers=workers)
+    files = ImageFiles(paths, labels, img_size)
     try:
-        parts = list(loader)
+        parts = list(torch.utils.data.DataLoader(files, batch_size=256, num_workers=workers))
     except OSError as e:  # an unreadable image, in this process or a worker
         raise ConfigError(f"--dataset imagefolder: {str(e).strip().splitlines()[-1]}")
     except RuntimeError as e:  # a worker killed by the system (out of memory): not bad input
         raise RunError(f"decoding {folder}: {str(e).strip().splitlines()[0]}")
-    images = torch.cat([x for x, _ in parts])
-    return ImageSet(images, torch.cat([y for _, y in parts])), classes
+    images, labels = zip(*parts)
+    return ImageSet(torch.cat(images), torch.cat(labels)), classes
 
 
 def count_classes(name, root):
@@ -1090,17 +1102,14 @@ def make_datasets(name, root, img_size, download=True, workers=0):
         raise ConfigError(f"--dataset {name} needs a package torchvision lacks here ({e}); "
                           "pip install scipy")
     except (RuntimeError, OSError) as e:  # not found (--no-download), no network (URLError)
-        how = "run without --no-download to fetch it"
-        if download:
-            how = f"the download failed ({e})"
-        urls = [url for url, _ in getattr(cls, "resources", [])]
-        files = [os.path.splitext(os.path.basename(url))[0] for url in urls]
-        put = f"put torchvision's extracted copy of {cls.__name__} there (--data-dir)"
-        if files:
-            raw = os.path.join(os.path.abspath(root), cls.__name__, "raw")
-            put = f"put {', '.join(files)} (gunzipped) in {raw}"
-        where = os.path.abspath(root)
-        raise ConfigError(f"--dataset {name}: not found in {where}; {how}, or {put}")
+        how = f"the download failed ({e})" if download else "run without --no-download"
+        urls = [url for url, _ in getattr(cls, "resources", [])]  # MNIST-like: the idx files
+        put = "torchvision's copy of it there"
+        if urls:
+            files = ", ".join(os.path.basename(url).removesuffix(".gz") for url in urls)
+            put = f"{files} (gunzipped) in {os.path.join(root, cls.__name__, 'raw')}"
+        raise ConfigError(f"--dataset {name}: not found in {os.path.abspath(root)}; {how}, or "
+                          f"put {put}")
 
 
 def validation_split(train, fraction, seed=0):
@@ -1160,7 +1169,7 @@ def evaluate(net, data, device, batch_size, amp_dtype=None, name=None):
         images = data.images[start:start + batch_size].to(device)
         images = prepare_batch(images, net.backbone.patch_embed.img_size)
         labels = data.labels[start:start + batch_size].to(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             logits = net(images).float().to(device)  # with --devices, from the last device
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(dim=1) == labels).sum()
@@ -1209,11 +1218,15 @@ def run_files_held(out):
     return [f for f in ("last.pt", "results.json") if os.path.exists(os.path.join(out, f))]
 
 
-def refuse_held(args):
+def check_folder(args):
+    """Refuse a folder that holds a run unless --resume or --overwrite; --resume needs last.pt."""
     held = run_files_held(args.out)
     if held and not (args.resume or args.overwrite):  # a user's results are never replaced unasked
         raise ConfigError(f"--out {args.out} holds a run ({', '.join(held)}): --resume continues "
                           "it, --overwrite replaces it")
+    if args.resume and "last.pt" not in held:
+        raise ConfigError(f"--resume: no checkpoint at {os.path.join(args.out, 'last.pt')} (a run "
+                          "writes it at the end of each epoch)")
 
 
 def lock_folder(out):
@@ -1243,7 +1256,7 @@ def take_folder(args):
     except OSError as e:
         raise ConfigError(f"--out {args.out}: cannot write there ({e.strerror or e})")
     try:
-        refuse_held(args)  # again, now that no other process can start a run into it
+        check_folder(args)  # again, now that no other process can start a run into it
         for name in RUN_FILES if args.overwrite else ():  # asked for explicitly
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(args.out, name))
@@ -1271,10 +1284,7 @@ class Run:
     epoch: int = 0  # epochs finished
     step: int = 0
     history: list = field(default_factory=list)  # log.jsonl's records
-    train_images: int = 0  # images trained on, and the seconds that took: images/s
-    train_time: float = 0.0
-    wall_time: float = 0.0
-    peak_bytes: int = 0
+    train_images, train_time, wall_time, peak_bytes = 0, 0.0, 0.0, 0  # for results.json
 
     @property
     def steps_per_epoch(self):
@@ -1304,9 +1314,6 @@ def load_checkpoint(run):
     """last.pt, checked against this run: the same settings (run-only flags aside), module
     ends, number of processes and training set, and a --max-steps it has not reached yet."""
     path, args = run.path("last.pt"), run.args
-    if not os.path.isfile(path):
-        raise ConfigError(f"--resume: no checkpoint at {path} (a run writes it at the end of "
-                          "each epoch)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         saved, ends = ckpt["config"], tuple(ckpt["ends"])
@@ -1345,6 +1352,9 @@ def resume(run):
         for device, state in ckpt["cuda_rng"].items():  # each device a module lives on
             torch.cuda.set_rng_state(state, device)
         for name in PROGRESS:
+            kind = type(getattr(run, name))
+            if not isinstance(ckpt[name], (int, float) if kind is float else kind):
+                raise TypeError(f"{name} is {type(ckpt[name]).__name__}, not {kind.__name__}")
             setattr(run, name, ckpt[name])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise ConfigError(f"--resume: {run.path('last.pt')} lacks or mistypes a field "
@@ -1367,12 +1377,6 @@ def run_info(args, net, device, optimizers, world):
             "aux_parameters": sum(p.numel() for p in net.aux.parameters()),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
             "devices": [str(d) for d in net.devices], "torch": torch.__version__}
-
-
-def format_duration(seconds):
-    if seconds >= 86400:
-        return f"{seconds / 86400:.1f} days"
-    return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
 # ---- The training run: epochs, progress, evaluation, results --------------------------------
@@ -1471,7 +1475,8 @@ def report_progress(run, done, window, seconds):
     run.train_images += len(window) * images_per_step
     rate = run.train_images / run.train_time
     total = min(args.epochs * run.steps_per_epoch, args.max_steps or math.inf)
-    eta = format_duration((total - run.step) * images_per_step / rate)
+    eta = (total - run.step) * images_per_step / rate
+    eta = f"{eta / 86400:.1f} days" if eta >= 86400 else time.strftime("%H:%M:%S", time.gmtime(eta))
     module_losses = " ".join(f"{v:.4f}" for v in losses.mean(0).tolist())
     lr = run.schedulers[0].get_last_lr()[0]
     print(f"epoch {run.epoch + 1}/{args.epochs} step {done}/{run.steps_per_epoch} | loss "
@@ -1481,13 +1486,15 @@ def report_progress(run, done, window, seconds):
 
 def evaluate_epoch(run, done):
     """Validation and test loss and accuracy. Test is reported, never used to choose. An epoch
-    cut by --max-steps (a trial) is evaluated on as many images as it trained on."""
+    cut by --max-steps (a trial) is evaluated on a fixed random subset of as many images as it
+    trained on (not a whole 224-px test set after a few steps; not the first, one-class ones)."""
     record, batch = {}, run.args.batch_size
     for name, split in (("val", run.data[1]), ("test", run.data[2])):
         if split is None:
             continue
-        if done < run.steps_per_epoch:  # not a whole 224-px test set after a few steps
-            split = split.subset(slice(0, done * batch * run.world))
+        if done < run.steps_per_epoch:
+            pick = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))
+            split = split.subset(pick[:done * batch * run.world])
             record[f"{name}_images"] = len(split)
         loss, acc = evaluate(run.net, split, run.device, batch, run.amp_dtype, name)
         record[f"{name}_loss"], record[f"{name}_acc"] = loss, acc
@@ -1500,7 +1507,7 @@ def print_epoch(run, record):
         if f"{name}_acc" in record:
             part = f"{name} loss {record[name + '_loss']:.4f} acc {record[name + '_acc']:.2f}%"
             if f"{name}_images" in record:
-                part += f" (first {record[name + '_images']} images)"
+                part += f" (on {record[name + '_images']} of its images)"
             parts.append(part)
     parts.append(f"{record['train_time_s']:.0f} s")
     print(" | ".join(parts), flush=True)
@@ -1548,18 +1555,16 @@ def init_distributed(device):
 def on_rank0_first(fn, rank, world, others=True):
     """fn() on rank 0 first (a download, the output folder), then, if `others`, on every other
     process. A ConfigError on rank 0 is raised on every process, so that none waits for it."""
-    result, error = None, None
+    result, verdict = None, [None]
     if rank == 0:
         try:
             result = fn()
         except ConfigError as e:
-            error = str(e)
+            verdict = [str(e)]
     if world > 1:
-        verdict = [error]
         torch.distributed.broadcast_object_list(verdict, src=0)
-        error = verdict[0]
-    if error is not None:
-        raise ConfigError(error)
+    if verdict[0] is not None:
+        raise ConfigError(verdict[0])
     return fn() if rank and others else result
 
 
@@ -1613,73 +1618,63 @@ class OneLineParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see --help)")
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: ...)" where the default is a value
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = OneLineParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp)
     a, d = p.add_argument, PAPER
-    a("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)} (default %(default)s)")
-    a("--data-dir", default="./data", help="where data sets are (downloaded); for imagefolder: "
-      "DIR/train, DIR/val or DIR/test (default %(default)s)")
+    a("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
+    a("--data-dir", default="./data", help="where the data sets are (downloaded to); "
+      "imagefolder: DIR/train and DIR/val (or DIR/test)")
     a("--no-download", action="store_true", help="never download; fail if the data is not there")
-    a("--arch", default="swin-t", help=f"one of {', '.join(ARCHS)} (default %(default)s)")
-    a("--img-size", type=int, default=d.img_size, help="images are resized to this, as in the "
-      "paper (default %(default)s)")
+    a("--arch", default="swin-t", help=f"one of {', '.join(ARCHS)}")
+    a("--img-size", type=int, default=d.img_size, help="images are resized to this")
     a("--patch-size", type=int, help=f"patch embedding stride p (default {d.patch_size})")
     a("--window-size", type=int, help=f"attention window M (default {d.window_size}, 12 at 384 px)")
     a("--embed-dim", type=int, help="channels C of stage 1 (default: the arch's)")
     a("--depths", type=int_list, help="blocks per stage, e.g. 2,2,6,2 (default: the arch's)")
     a("--heads", type=int_list, help="heads per stage, e.g. 3,6,12,24 (default: the arch's)")
-    a("--pretrained", action="store_true", help="start from torchvision's ImageNet weights "
-      "(swin-t/s/b at 224 px), with a new classifier")
     a("--drop-path", type=float, help="stochastic depth rate of the last block (default: arch's)")
+    a("--pretrained", action="store_true", help="start from torchvision's ImageNet weights")
     a("--k", type=int, help=f"gradient-isolated modules K (default {d.k}; 1 is end-to-end)")
-    a("--split", default="paper", help="'paper' (design note 3), 'balanced' (measured: the "
-      "largest module as small as possible) or the blocks (numbered from 1) after which modules "
-      "1..K-1 end, e.g. 2,4,10 (default %(default)s)")
-    a("--method", default="ours", help=f"one of {', '.join(METHODS)} (default %(default)s)")
-    a("--decoder", default="interp", help=f"one of {', '.join(DECODERS)} (default %(default)s)")
-    a("--lambdas", type=float_list, help="reconstruction weights of modules 1..K-1 (default: "
-      f"{d.lambdas[0]} to {d.lambdas[1]}, linearly)")
-    a("--mus", type=float_list, help="contrastive weights of modules 1..K-1 (default: "
-      f"{d.mus[0]} to {d.mus[1]}, linearly)")
-    a("--temperature", type=float, default=d.temperature, help="NT-Xent temperature "
-      "(default %(default)s)")
-    a("--epochs", type=int, default=d.epochs, help="training epochs (default %(default)s)")
-    a("--warmup-epochs", type=int, help="linear warm-up epochs before the cosine decay "
-      "(default: epochs / 15, so 20 of 300)")
-    a("--batch-size", type=int, default=d.batch_size, help="images per step, per process "
-      "(default %(default)s)")
+    a("--split", default="paper", help="paper (design note 3), balanced (the largest module as "
+      "small as possible, measured) or the blocks after which modules 1..K-1 end, e.g. 2,4,10")
+    a("--method", default="ours", help=f"one of {', '.join(METHODS)}")
+    a("--decoder", default="interp", help=f"one of {', '.join(DECODERS)}")
+    a("--lambdas", type=float_list, help="reconstruction weights of modules 1..K-1 "
+      f"(default: {d.lambdas[0]} to {d.lambdas[1]}, linearly)")
+    a("--mus", type=float_list, help="contrastive weights of modules 1..K-1 "
+      f"(default: {d.mus[0]} to {d.mus[1]}, linearly)")
+    a("--temperature", type=float, default=d.temperature, help="NT-Xent temperature")
+    a("--epochs", type=int, default=d.epochs, help="training epochs")
+    a("--warmup-epochs", type=int, help="linear warm-up before the cosine (default: epochs / 15)")
+    a("--batch-size", type=int, default=d.batch_size, help="images per step and process")
     a("--lr", type=float, help=f"peak learning rate (default {d.lr_per_512} x global batch / 512)")
-    a("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (none on "
-      "biases, norms, position tables) (default %(default)s)")
-    a("--label-smoothing", type=float, default=d.label_smoothing, help="of every cross-entropy "
-      "(default %(default)s)")
-    a("--clip-grad", type=float, default=d.clip_grad, help="gradient norm clipping, per module "
-      "(default %(default)s)")
-    a("--val-split", type=float, default=0.0, help="share of the training set held out to choose "
-      "settings on (default %(default)s)")
-    a("--crop-scale", type=float, default=d.crop_scale, help="smallest area share a random "
-      "resized crop keeps (default %(default)s)")
+    a("--weight-decay", type=float, default=d.weight_decay, help="AdamW's (none on biases, norms, "
+      "position tables)")
+    a("--label-smoothing", type=float, default=d.label_smoothing, help="of every cross-entropy")
+    a("--clip-grad", type=float, default=d.clip_grad, help="gradient norm clipping, per module")
+    a("--val-split", type=float, default=0.0, help="share of the training set held out")
+    a("--crop-scale", type=float, default=d.crop_scale, help="smallest area a random crop keeps")
     a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes that decode an "
-      "imagefolder, once (default %(default)s)")
-    a("--checkpoint", action="store_true", help="recompute each block's activations in the "
-      "backward pass (less memory, more compute)")
-    a("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision (fp16 on "
-      "CUDA only) (default %(default)s)")
+      "imagefolder, once")
+    a("--checkpoint", action="store_true", help="recompute each block in the backward pass")
+    a("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast (fp16: CUDA only)")
     a("--device", help="cuda, cuda:1, cpu, mps ... (default: cuda when present)")
-    a("--devices", help="one device per module, e.g. cuda:0,cuda:1,cuda:2,cuda:3: module i runs "
-      "on the i-th (overrides --device)")
-    a("--seed", type=int, default=0, help="the same seed gives the same run (default %(default)s)")
+    a("--devices", help="a device per module, e.g. cuda:0,cuda:1 (overrides --device)")
+    a("--seed", type=int, default=0, help="the same seed gives the same run")
     a("--out", help="output folder (default runs/DATASET-ARCH-kK-METHOD, or "
       "runs/memory-ARCH-kK-METHOD-bBATCH)")
     a("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    a("--overwrite", action="store_true", help="replace the run in --out (without it, a folder "
-      "that holds a run is refused)")
-    a("--max-steps", type=int, help="stop after this many training steps in all (with "
-      "--measure-memory: steps timed, default 3)")
-    a("--log-every", type=int, default=50, help="a progress line every this many steps "
-      "(default %(default)s)")
-    a("--measure-memory", action="store_true", help="measure peak training memory and step time "
-      "on random tensors, then exit")
+    a("--overwrite", action="store_true", help="replace the run in --out")
+    a("--max-steps", type=int, help="stop after this many steps in all (--measure-memory: "
+      "steps timed, default 3)")
+    a("--log-every", type=int, default=50, help="a progress line every this many steps")
+    a("--measure-memory", action="store_true", help="measure peak memory and step time on "
+      "random tensors, then exit")
     return p.parse_args(argv)
 
 
@@ -1735,10 +1730,11 @@ def pick_devices(args):
 
 
 def interrupted(signum, frame):
-    """SIGINT or SIGTERM (a scheduler's notice): stop as Ctrl-C does, and ignore any further
-    signal, so that one message is printed however many arrive."""
+    """SIGINT or SIGTERM (a scheduler's notice): stop as Ctrl-C does, and swallow any further
+    signal, so that one message is printed however many arrive. (Not SIG_IGN: a signal already
+    on its way would then raise "ignored due to race condition".)"""
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, lambda *_: None)
     raise KeyboardInterrupt
 
 
@@ -1827,7 +1823,7 @@ def build(args, device, devices, rank, world):
     if args.measure_memory:
         default = f"memory-{name}-b{args.batch_size}"
     args.out = args.out or os.path.join("runs", default)
-    refuse_held(args)  # early, before a long balanced-split search
+    check_folder(args)  # early, before a long balanced-split search
     options = dict(method=args.method, decoder=args.decoder, temperature=args.temperature,
                    label_smoothing=args.label_smoothing, checkpoint=args.checkpoint)
     if args.split == "balanced":  # the same K, cut where the largest module is smallest
@@ -1864,21 +1860,16 @@ def load_data(args, world):
 def describe(net, lr, device, args, world):
     """What is about to be trained, in a few lines: the split and each module's shapes."""
     millions = [sum(p.numel() for p in part.parameters()) / 1e6 for part in (net.backbone, net.aux)]
-    k = len(net.specs)
-    kind = "end-to-end" if k == 1 else f"method {net.method}"
-    print(f"Swin: {millions[0]:.2f} M parameters, auxiliary blocks {millions[1]:.2f} M | K={k} "
-          f"{kind} | lr {lr:.2e} | device {device}")
+    kind = "end-to-end" if len(net.specs) == 1 else f"method {net.method}"
+    print(f"Swin: {millions[0]:.2f} M parameters, auxiliary blocks {millions[1]:.2f} M | "
+          f"K={len(net.specs)} {kind} | lr {lr:.2e} | device {device}")
     bounds = (0, *net.ends, sum(len(stage) for stage in net.backbone.stages))
-    for i, spec in enumerate(net.specs):  # module i + 1 holds blocks bounds[i]+1 .. bounds[i+1]
-        if i == k - 1:
-            loss = "cross-entropy (eq. 3)"
-        elif net.method == "greedy-ce":
-            loss = "cross-entropy"
-        else:
-            loss = f"lambda {net.lambdas[i]:.2f}, mu {net.mus[i]:.2f} (eq. 2)"
-        shapes = (f"{spec.in_res}x{spec.in_res}x{spec.in_dim} -> "
-                  f"{spec.out_res}x{spec.out_res}x{spec.out_dim}")
-        print(f"  module {i + 1}: blocks {bounds[i] + 1}-{bounds[i + 1]} | {shapes} | {loss}")
+    for i, (spec, loss) in enumerate(zip(net.specs, [*net.aux, None])):  # blocks bounds[i]+1 ..
+        weights = f"lambda {loss.lam:.2f}, mu {loss.mu:.2f} (eq. 2)" if hasattr(loss, "lam") else ""
+        what = "cross-entropy (eq. 3)" if loss is None else weights or "cross-entropy"
+        shapes = f"{spec.in_res}x{spec.in_res}x{spec.in_dim} -> {spec.out_res}x{spec.out_res}x"
+        print(f"  module {i + 1}: blocks {bounds[i] + 1}-{bounds[i + 1]} | {shapes}{spec.out_dim} "
+              f"| {what}")
     if device.type == "cpu" and args.img_size > 64 and not args.measure_memory:
         print(f"on a CPU, {args.img_size}-px training is slow; the README's small setting "
               "(Fashion-MNIST at 32 px) learns in minutes")

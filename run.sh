@@ -6,6 +6,7 @@
 #   cpu-speed training images/s of that setting, this code against the previous data path; Swin-T vs torchvision
 #   summary   DIR...: per-epoch accuracy of several runs side by side, then mean and spread per row
 #   probe     RUN...: linear-probe accuracy of each stage's output on the validation split
+#   reconstructions RUN...: each auxiliary decoder's reconstruction of 8 images beside its target, a PNG in RUN
 #   memory    peak training memory and step time, Swin-T 224 px (the paper's memory claim), as a table
 #   table3    Swin-T, K=4, from scratch: InfoPro-Transformer, ours, E2E on STL-10, CIFAR-10, CIFAR-100
 #   decoders  the three decoder structures (interp, deconv, deconv4), Swin-T, K=4
@@ -208,6 +209,49 @@ for run in sys.argv[1:]:
     print(f"{run}: linear probe, validation accuracy % after stage 1..{len(accs)}: " + " ".join(f"{a:.2f}" for a in accs))
 EOF
   ;;
+reconstructions)
+  # What each auxiliary decoder makes of 8 validation (or test) images, beside its target, into RUN/reconstructions.png:
+  # row 1 the images; then, per module with a decoder, its target and its reconstruction. InfoPro's target is the
+  # image; ours is x_{i-1}, shown through the first three principal components of sigmoid(x_{i-1}) over these images
+  # as RGB (the same projection for the reconstruction, sigmoid of the decoder's logits), upscaled to the image size.
+  "$py" - "${extra[@]}" <<'EOF'
+import json, sys, torch, torch.nn.functional as F, torchvision, local_swin as L
+for run in sys.argv[1:]:
+    r = json.load(open(f"{run}/results.json"))
+    c = r["config"]
+    backbone = L.build_model(c["arch"], L.count_classes(c["dataset"], c["data_dir"]), c["img_size"],
+                             patch_size=c["patch_size"], window_size=c["window_size"], embed_dim=c["embed_dim"],
+                             depths=c["depths"], heads=c["heads"])
+    net = L.LocalSwin(backbone, r["split"], method=c["method"], decoder=c["decoder"], lambdas=r["lambdas"], mus=r["mus"])
+    net.load_state_dict(torch.load(f"{run}/last.pt", weights_only=True)["net"])
+    net.eval()
+    train, test = L.make_datasets(c["dataset"], c["data_dir"], c["img_size"], download=False)
+    val = L.validation_split(train, c["val_split"])[1] or test
+    images = L.prepare_batch(val.images[:8], c["img_size"])
+    shown = [L.ImageTarget()(None, images)]  # the images, de-normalised
+    with torch.no_grad():
+        x = images
+        for module in net.local_modules[:-1]:
+            x_in = x if module.stem is None else module.stem(x)
+            x = module.layers(x_in)
+            if getattr(module.loss.head, "decoder", None) is None:
+                continue
+            target = module.loss.target(x_in, images)  # (8, C, h, w), in [0, 1]
+            recon = torch.sigmoid(module.loss.head(x)[1])
+            if target.shape[1] != 3:  # features: both onto the target's first three principal components
+                pixels = target.permute(0, 2, 3, 1).reshape(-1, target.shape[1])
+                mean = pixels.mean(0)
+                basis = torch.linalg.svd(pixels - mean, full_matrices=False)[2][:3]
+                project = lambda t: torch.einsum("bchw,kc->bkhw", t - mean[:, None, None], basis)
+                target, recon = project(target), project(recon)
+                low, high = target.amin((0, 2, 3), keepdim=True), target.amax((0, 2, 3), keepdim=True)
+                target, recon = [((t - low) / (high - low + 1e-8)).clamp(0, 1) for t in (target, recon)]
+            shown += [F.interpolate(t, size=images.shape[-2:], mode="nearest") for t in (target, recon)]
+    grid = torchvision.utils.make_grid(torch.cat(shown), nrow=8, padding=2, pad_value=1.0)
+    torchvision.utils.save_image(grid, f"{run}/reconstructions.png")
+    print(f"{run}/reconstructions.png: the images, then the target and reconstruction of {len(shown) // 2} modules")
+EOF
+  ;;
 memory)
   m=(--measure-memory --arch swin-t --img-size 224 --batch-size "${MEMORY_BATCH:-32}" --max-steps 5)
   row e2e "${m[@]}" --k 1
@@ -238,6 +282,8 @@ for name, ends in (("e2e", ()), ("ours-k4", (2, 4, 10))):
 EOF
   ;;
 gpu)
+  "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null \
+    || { echo "run.sh gpu: no CUDA device here (torch.cuda.is_available() is False)"; exit 2; }
   # Everything a GPU can show, in under 8 minutes on one card, into runs/gpu/DATE-TIME/gpu.json: the memory table
   # (torch.cuda.max_memory_allocated) in fp32 and bf16, step time and images/s at batch 128, the attention
   # kernel SDPA picks for our windows (bias and mask as attn_mask, with gradient), and --devices with four

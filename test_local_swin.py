@@ -557,7 +557,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, capsys):
     # The peak counts the optimizer state alike in a resumed run (loaded) and a run cut within its first epoch.
     assert run_cli(["--k", "2", "--epochs", "2", "--max-steps", "3"], tmp_path / "trial", capsys)[0] == 0
     peaks = [json.loads((tmp_path / d / "results.json").read_text())["peak_memory_mib"] for d in ("whole", "cut", "trial")]
-    assert peaks[1] == pytest.approx(peaks[0], rel=0.01) and peaks[2] == pytest.approx(peaks[0], rel=0.01)
+    assert peaks[1] == peaks[0] and peaks[2] == peaks[0], peaks  # to the byte
 
 
 def test_resume_is_exact_with_decoding_workers(tmp_path, capsys):
@@ -600,7 +600,7 @@ def test_the_first_minutes_say_what_happens(tmp_path, capsys, monkeypatch):
     assert where < progress[0] and all("ETA" in lines[i] for i in progress)
     assert [lines[i].split()[3] for i in progress] == ["1/8", "2/8", "4/8", "5/8"]  # step 1, every 2nd, the last
     record = json.loads((tmp_path / "log.jsonl").read_text())
-    assert record["val_images"] == 5 * 64 and "(first 320 images)" in cap.out and record["test_images"] == 256
+    assert record["val_images"] == 5 * 64 and "(on 320 of its images)" in cap.out and record["test_images"] == 256
     clock = iter(range(0, 10**6, 16))  # 16 s between readings: a line every other batch
     monkeypatch.setattr(L.time, "perf_counter", lambda: next(clock))
     net = L.LocalSwin(L.build_model("swin-t", 10, img_size=32, patch_size=2, window_size=4, embed_dim=16,
@@ -695,6 +695,9 @@ def test_cli_under_torchrun(tmp_path):
     assert results["world_size"] == 2 and results["steps"] == 4 and results["global_batch"] == 64
     assert results["lr"] == pytest.approx(2e-3)
     assert done.stdout.count("global batch 64") == 1 and done.stdout.count("done:") == 1  # rank 0 alone prints
+    again = torchrun([os.path.join(HERE, "local_swin.py"), *TINY_CLI, "--batch-size", "32", "--epochs", "1",
+                      "--max-steps", "2", "--overwrite", "--out", str(tmp_path)])  # rank 0 alone removes the old run
+    assert again.returncode == 0 and json.loads((tmp_path / "results.json").read_text())["steps"] == 2, again.stderr[-3000:]
 
 
 def test_resume_refuses_other_module_ends(tmp_path, capsys):
@@ -782,6 +785,7 @@ BAD_INPUTS = [
     (["--k", "3", "--devices", "cpu,cpu"], "one per module"),
     (["--devices", "gpu:0"], "--device(s)"),
     (["--device", "cuda:7"], "is not available here"),
+    (["--device", "mps"], "mps is not available here"),
 ]
 
 
@@ -844,3 +848,219 @@ def test_script_runs_and_fails_cleanly_as_a_process(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["steps"] == 3
     bad = subprocess.run([sys.executable, script, "--arch", "swin-x"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and bad.stderr.startswith("error: unknown --arch")
+
+
+# ---------------------------------------------------------------- faults: nothing lost, nothing stuck
+
+def run_bytes(out):
+    return {f: (out / f).read_bytes() for f in L.RUN_FILES if (out / f).exists()}
+
+
+def test_a_failed_check_never_touches_the_output_folder(tmp_path, capsys):
+    """--overwrite removes the old run only once every check has passed (model, split, devices,
+    decoder included); without it, a failed check leaves no new folder behind."""
+    out = tmp_path / "run"
+    assert run_cli(["--k", "2", "--epochs", "1"], out, capsys)[0] == 0
+    before = run_bytes(out)
+    odd = ["--img-size", "36", "--patch-size", "3", "--window-size", "3", "--k", "3",
+           "--method", "infopro", "--decoder", "deconv"]  # upscale 6: not a power of 2
+    for args in (["--method", "magic"], ["--decoder", "magic"], odd, ["--k", "3", "--devices", "cpu,cpu"]):
+        for where in (out, tmp_path / "new"):
+            code, cap = run_cli(args + ["--epochs", "1", "--overwrite"], where, capsys)
+            assert code == 2 and cap.err.count("\n") == 1, cap.err
+        assert run_bytes(out) == before and not (tmp_path / "new").exists()
+    assert "cannot reach a factor of 6" in run_cli(odd, tmp_path / "new", capsys)[1].err
+
+
+def test_every_epoch_done_but_no_results_resume_writes_them(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(["--k", "2", "--epochs", "2"], out, capsys)[0] == 0
+    results = json.loads((out / "results.json").read_text())
+    (out / "results.json").unlink()  # a kill, or a full disk, between last.pt and results.json
+    code, cap = run_cli(["--k", "2", "--epochs", "2"], out, capsys)
+    assert code == 2 and "holds a run (last.pt)" in cap.err
+    code, cap = run_cli(["--k", "2", "--epochs", "2", "--resume"], out, capsys)
+    assert code == 0 and "writing the missing results.json" in cap.out, cap.err
+    again = json.loads((out / "results.json").read_text())
+    for key in ("test_acc", "epochs", "steps", "peak_memory_mib", "images_per_second", "wall_time_s"):
+        assert again[key] == results[key], key
+    code, cap = run_cli(["--k", "2", "--epochs", "2", "--resume"], out, capsys)
+    assert code == 0 and "nothing to do" in cap.out
+
+
+def test_resume_refuses_another_world_data_or_max_steps(tmp_path, capsys):
+    make_png_folder(tmp_path / "data")
+    args = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--batch-size", "16",
+            "--k", "2", "--epochs", "3", "--max-steps", "7"]  # 7 steps: one epoch of 120 images
+    assert run_cli(args, tmp_path / "out", capsys)[0] == 0
+    code, cap = run_cli(args[:-2] + ["--resume", "--max-steps", "7"], tmp_path / "out", capsys)
+    assert code == 2 and "has done 7 steps already" in cap.err, cap.err
+    from PIL import Image
+    Image.new("RGB", (20, 24), "red").save(tmp_path / "data" / "train" / "red" / "extra.png")
+    code, cap = run_cli(args[:-2] + ["--resume"], tmp_path / "out", capsys)
+    assert code == 2 and "on 120 images, this run has 1 on 121" in cap.err, cap.err
+    (tmp_path / "data" / "train" / "red" / "extra.png").unlink()
+    ckpt = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
+    torch.save({**ckpt, "world_size": 2}, tmp_path / "out" / "last.pt")
+    code, cap = run_cli(args[:-2] + ["--resume"], tmp_path / "out", capsys)
+    assert code == 2 and "trained by 2 processes" in cap.err, cap.err
+    for broken in ({k: v for k, v in ckpt.items() if k != "optimizers"}, {**ckpt, "history": 3}):
+        torch.save(broken, tmp_path / "out" / "last.pt")
+        code, cap = run_cli(args[:-2] + ["--resume"], tmp_path / "out", capsys)
+        assert code == 2 and cap.err.count("\n") == 1 and "last.pt" in cap.err, cap.err
+
+
+def test_a_folder_in_use_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    held = L.lock_folder(str(out))  # as a run in progress holds it
+    code, cap = run_cli(["--k", "2", "--epochs", "1"], out, capsys)
+    assert code == 2 and "in use by a run in progress (pid" in cap.err and not run_bytes(out), cap.err
+    held.close()  # the run ended (a crash releases it too)
+    assert run_cli(["--k", "2", "--epochs", "1"], out, capsys)[0] == 0
+
+
+def test_a_run_stopped_in_its_first_epoch_starts_again(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real = L.train_step
+
+    def interrupt_at_step_2(*args, **kwargs):
+        if interrupt_at_step_2.calls == 1:
+            raise KeyboardInterrupt
+        interrupt_at_step_2.calls += 1
+        return real(*args, **kwargs)
+
+    interrupt_at_step_2.calls = 0
+    monkeypatch.setattr(L, "train_step", interrupt_at_step_2)
+    code, cap = run_cli(["--k", "2", "--epochs", "1"], out, capsys)
+    assert code == 130 and "interrupted" in cap.err and "last.pt" not in cap.err, cap.err
+    monkeypatch.setattr(L, "train_step", real)
+    assert run_cli(["--k", "2", "--epochs", "1"], out, capsys)[0] == 0  # nothing there to keep
+
+
+def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real = torch.save
+
+    def full_after_first(obj, path, *args, **kwargs):
+        if obj.get("epoch", 0) >= 2:
+            with open(path, "wb") as f:
+                f.write(b"half a checkpoint")
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0\nfile write failed")
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(L.torch, "save", full_after_first)
+    code, cap = run_cli(["--k", "2", "--epochs", "3"], out, capsys)
+    assert code == 1 and cap.err.count("\n") == 1 and "could not write" in cap.err and str(out) in cap.err, cap.err
+    assert sorted(os.listdir(out)) == [".lock", "last.pt", "log.jsonl"]  # no .tmp left
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1  # never ahead of last.pt
+    monkeypatch.setattr(L.torch, "save", real)
+    assert run_cli(["--k", "2", "--epochs", "3", "--resume"], out, capsys)[0] == 0
+    whole = tmp_path / "whole"
+    assert run_cli(["--k", "2", "--epochs", "3"], whole, capsys)[0] == 0
+    assert (out / "log.jsonl").read_text().count("train_loss") == 3
+    a, b = [[json.loads(line)["test_acc"] for line in (d / "log.jsonl").read_text().splitlines()] for d in (out, whole)]
+    assert a == b
+
+
+def test_imagefolder_loops_16_bit_and_skipped_files(tmp_path, capsys):
+    from PIL import Image
+    make_png_folder(tmp_path / "data")
+    red = tmp_path / "data" / "train" / "red"
+    os.symlink(red, red / "loop")  # a folder that contains itself
+    (red / "notes.txt").write_text("not an image")
+    (red / "anim.gif").write_bytes(b"GIF89a")
+    Image.fromarray(torch.full((20, 24), 40000, dtype=torch.int32).numpy().astype("uint16")).save(red / "deep.png")
+    paths, labels, classes = L.list_images(str(tmp_path / "data" / "train"))
+    assert len(paths) == 3 * 40 + 1 and classes == ["blue", "green", "red"]
+    assert "skipped 1 files" not in capsys.readouterr().out
+    image = L.read_image(str(red / "deep.png"))
+    assert image.getextrema() == ((155, 155),) * 3  # 40000 / 257, not clipped to white
+    train, _ = L.make_datasets("imagefolder", str(tmp_path / "data"), 32)
+    assert len(train) == 121 and "skipped 2 files that are not images of a known extension (1 .gif, 1 .txt)" in capsys.readouterr().out
+
+
+def test_a_huge_image_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+    make_png_folder(tmp_path / "data")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # each image has 480 pixels: over twice that
+    code, cap = run_cli(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--workers", "0"],
+                        tmp_path / "out", capsys)
+    assert code == 2 and cap.err.count("\n") == 1 and "cannot read the image" in cap.err and "decompression bomb" in cap.err
+
+
+def test_a_trial_evaluates_a_random_subset(tmp_path, capsys, monkeypatch):
+    """An imagefolder is sorted by class; a --max-steps trial must not judge the first images alone."""
+    make_png_folder(tmp_path / "data")
+    seen = []
+    real = L.evaluate
+    monkeypatch.setattr(L, "evaluate", lambda net, data, *a, **k: seen.append(data.labels) or real(net, data, *a, **k))
+    code, cap = run_cli(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--batch-size", "12",
+                         "--max-steps", "1", "--k", "2"], tmp_path / "out", capsys)
+    assert code == 0 and len(seen) == 1 and len(seen[0]) == 12 and len(set(seen[0].tolist())) == 3
+
+
+def test_flops_are_counted_without_the_memory_of_a_step():
+    """The FLOP count runs on a meta copy: the same count as on the real network, --checkpoint
+    included, and it allocates no more than a copy of the parameters (never the activations)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    for checkpoint in (False, True):
+        net = small_net(4, checkpoint=checkpoint)
+        optimizers, _ = L.make_optimizers(net.local_modules, lr=1e-3, weight_decay=0.05, total_steps=10, warmup_steps=2)
+        images, labels = batch()
+        with FlopCounterMode(display=False) as counter:
+            L.train_step(net.local_modules, optimizers, images, labels)
+        meter = L.LiveTensorMeter()
+        with meter:
+            flops = L.count_flops(net, images, labels)
+        assert flops == counter.get_total_flops() > 0
+        assert meter.peak <= 1.01 * L.tensor_bytes([*net.parameters(), *net.buffers()]), meter.peak
+
+
+def test_repeated_signals_end_with_one_line(tmp_path):
+    args = [sys.executable, os.path.join(HERE, "local_swin.py"), *TINY_CLI, "--k", "2", "--epochs", "30", "--out", str(tmp_path)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/30 step"):
+            break
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM, signal.SIGTERM, signal.SIGINT):
+        proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_run_sh_gpu_without_cuda_is_one_line():
+    done = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "gpu"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout.count("\n") + done.stderr.count("\n") == 1, (done.stdout, done.stderr)
+    assert "no CUDA" in done.stdout + done.stderr
+
+
+# ---------------------------------------------------------------- where reconstruction matters: K = 8, pictures
+
+def test_k8_puts_one_block_in_each_module_with_the_default_schedule():
+    ends = L.resolve_split("paper", 8, (2, 2, 2, 2))
+    assert ends == (1, 2, 3, 4, 5, 6, 7)
+    lambdas, mus = L.lambda_mu_schedule(7)
+    assert lambdas == pytest.approx([3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.0]) and mus == pytest.approx([1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0])
+    torch.manual_seed(0)
+    net = L.LocalSwin(L.build_model("swin-t", 10, 32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2, 2, 2),
+                                    heads=(1, 2, 4, 8)), ends)
+    assert [sum(isinstance(m, L.SwinBlock) for m in spec.layers) for spec in net.specs] == [1] * 8
+    decoders = [aux.head.decoder is not None for aux in net.aux]
+    assert decoders == [True] * 6 + [False]  # module 7 has lambda 0: no decoder
+
+
+@pytest.mark.parametrize("method,panels", [("ours", 2), ("infopro", 2)])
+def test_reconstruction_pictures_of_a_tiny_run(method, panels, tmp_path, capsys):
+    from PIL import Image
+    out = tmp_path / "run"
+    assert run_cli(["--k", "3", "--lambdas", "3,1", "--epochs", "1", "--method", method],
+                   out, capsys)[0] == 0
+    before = sorted(os.listdir(HERE))
+    done = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "reconstructions", str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(os.listdir(HERE)) == before and (out / "reconstructions.png").exists()
+    width, height = Image.open(out / "reconstructions.png").size
+    rows = 1 + 2 * panels  # the images, then target and reconstruction of each module with a decoder (K=3: 2)
+    assert (width, height) == (2 + 8 * (32 + 2), 2 + rows * (32 + 2))
