@@ -168,9 +168,9 @@ EOF
   done
   ;;
 probe)
-  # Linear probes of finished runs: how well a linear classifier on each stage's pooled output separates
-  # the classes of the validation split (fitted on 10,000 training images), the same stages for every
-  # run whatever its K. `bash run.sh probe runs/cpu-table/e2e-s0 runs/cpu-table/ours-k4-s0`
+  # Linear probes of finished runs: how well a linear classifier on each block's pooled output separates
+  # the classes of the validation split (fitted on 10,000 training images), the same blocks for every
+  # run whatever its K (at K = 8, every module's output; a stage's output is its last block's). `bash run.sh probe runs/cpu-table/e2e-s0 runs/cpu-table/ours-k4-s0`
   "$py" - "${extra[@]}" <<'EOF'
 import json, sys, torch, local_swin as L
 for run in sys.argv[1:]:
@@ -183,13 +183,16 @@ for run in sys.argv[1:]:
     backbone.eval()
     train, val = L.validation_split(L.make_datasets(c["dataset"], c["data_dir"], c["img_size"], download=False)[0], c["val_split"])
     @torch.no_grad()
-    def pooled(data):  # (N, channels) for each stage, before its patch merging
-        out = [[] for _ in backbone.stages]
+    def pooled(data):  # (N, channels) after each block, before a patch merging
+        out = [[] for stage in backbone.stages for _ in stage]
         for start in range(0, len(data), 500):
             x = backbone.patch_embed(L.prepare_batch(data.images[start:start + 500], c["img_size"]))
+            j = 0
             for s, stage in enumerate(backbone.stages):
-                x = stage(x)
-                out[s].append(x.mean(dim=(1, 2)))
+                for block in stage:
+                    x = block(x)
+                    out[j].append(x.mean(dim=(1, 2)))
+                    j += 1
                 x = backbone.merges[s](x) if s < len(backbone.merges) else x
         return [torch.cat(f) for f in out]
     n = min(10000, len(train))
@@ -206,7 +209,9 @@ for run in sys.argv[1:]:
             return loss
         opt.step(closure)
         accs.append(100 * (probe(v).argmax(1) == val.labels).float().mean().item())
-    print(f"{run}: linear probe, validation accuracy % after stage 1..{len(accs)}: " + " ".join(f"{a:.2f}" for a in accs))
+    ends = [sum(len(stage) for stage in backbone.stages[:s + 1]) for s in range(len(backbone.stages))]
+    print(f"{run}: linear probe, validation accuracy % after block 1..{len(accs)}: " + " ".join(f"{a:.2f}" for a in accs)
+          + " | after stage 1..{}: ".format(len(ends)) + " ".join(f"{accs[e - 1]:.2f}" for e in ends))
 EOF
   ;;
 reconstructions)

@@ -1,7 +1,8 @@
 """Tests for local_swin.py; CPU only, the whole file in a few minutes on two cores.
 
-    pytest -q test_local_swin.py
+pytest -q test_local_swin.py
 """
+
 import json
 import math
 import os
@@ -18,17 +19,48 @@ import local_swin as L
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A Swin-T-shaped network (2, 2, 6, 2 blocks) small enough for a CPU test: 64 px, 32 x 32 tokens.
-SMALL = dict(img_size=64, patch_size=2, window_size=4, embed_dim=16, heads=(1, 2, 4, 8), drop_path=0.0)
+SMALL = dict(
+    img_size=64, patch_size=2, window_size=4, embed_dim=16, heads=(1, 2, 4, 8), drop_path=0.0
+)
 # The command line on a tiny model and the synthetic data set.
-TINY_CLI = ["--dataset", "synthetic", "--img-size", "32", "--patch-size", "2", "--window-size", "4", "--embed-dim", "16",
-            "--depths", "2,2,2", "--heads", "1,2,4", "--batch-size", "64", "--workers", "0", "--warmup-epochs", "1",
-            "--lr", "2e-3", "--log-every", "8"]
+TINY_CLI = [
+    "--dataset",
+    "synthetic",
+    "--img-size",
+    "32",
+    "--patch-size",
+    "2",
+    "--window-size",
+    "4",
+    "--embed-dim",
+    "16",
+    "--depths",
+    "2,2,2",
+    "--heads",
+    "1,2,4",
+    "--batch-size",
+    "64",
+    "--workers",
+    "0",
+    "--warmup-epochs",
+    "1",
+    "--lr",
+    "2e-3",
+    "--log-every",
+    "8",
+]
 
 
 def small_net(k, method="ours", decoder="interp", **kwargs):
     torch.manual_seed(0)
     backbone = L.build_model("swin-t", 10, **SMALL)
-    return L.LocalSwin(backbone, L.resolve_split("paper", k, (2, 2, 6, 2)), method=method, decoder=decoder, **kwargs)
+    return L.LocalSwin(
+        backbone,
+        L.resolve_split("paper", k, (2, 2, 6, 2)),
+        method=method,
+        decoder=decoder,
+        **kwargs,
+    )
 
 
 def batch(n=16, size=64, classes=4, seed=0):
@@ -43,7 +75,9 @@ def batch(n=16, size=64, classes=4, seed=0):
 def test_parity_with_torchvision_swin_t(size):
     torch.manual_seed(0)
     theirs = torchvision.models.swin_t().eval()
-    ours = L.load_torchvision_weights(L.build_model("swin-t", 1000, size), theirs.state_dict()).eval()
+    ours = L.load_torchvision_weights(
+        L.build_model("swin-t", 1000, size), theirs.state_dict()
+    ).eval()
     images = torch.randn(2, 3, size, size)
     with torch.no_grad():
         diff = (ours(images) - theirs(images)).abs().max().item()
@@ -52,16 +86,34 @@ def test_parity_with_torchvision_swin_t(size):
 
 def test_parity_with_torchvision_small_config():
     torch.manual_seed(0)
-    theirs = torchvision.models.SwinTransformer(patch_size=[2, 2], embed_dim=32, depths=[2, 2, 2], num_heads=[2, 4, 8],
-                                                window_size=[4, 4], stochastic_depth_prob=0.0, num_classes=7).eval()
-    ours = L.build_model("swin-t", 7, 32, patch_size=2, window_size=4, embed_dim=32, depths=(2, 2, 2), heads=(2, 4, 8))
+    theirs = torchvision.models.SwinTransformer(
+        patch_size=[2, 2],
+        embed_dim=32,
+        depths=[2, 2, 2],
+        num_heads=[2, 4, 8],
+        window_size=[4, 4],
+        stochastic_depth_prob=0.0,
+        num_classes=7,
+    ).eval()
+    ours = L.build_model(
+        "swin-t",
+        7,
+        32,
+        patch_size=2,
+        window_size=4,
+        embed_dim=32,
+        depths=(2, 2, 2),
+        heads=(2, 4, 8),
+    )
     L.load_torchvision_weights(ours, theirs.state_dict()).eval()
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert (ours(images) - theirs(images)).abs().max().item() <= 1e-4
     # A different architecture is refused with a clear message, not a silent partial copy.
     with pytest.raises(L.ConfigError, match="tensors"):
-        L.load_torchvision_weights(L.build_model("swin-t", 7, 32, patch_size=2, window_size=4), theirs.state_dict())
+        L.load_torchvision_weights(
+            L.build_model("swin-t", 7, 32, patch_size=2, window_size=4), theirs.state_dict()
+        )
 
 
 def test_weights_without_the_head_for_another_data_set():
@@ -82,20 +134,37 @@ def test_pretrained_offline_fails_with_one_line(tmp_path, capsys, monkeypatch):
     def offline(*args, **kwargs):
         raise URLError("no network")
 
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)  # what get_state_dict calls
+    monkeypatch.setattr(
+        torchvision.models._api, "load_state_dict_from_url", offline
+    )  # what get_state_dict calls
     code = L.main(["--pretrained", "--measure-memory", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert code != 0 and err.count("\n") == 1 and "could not fetch" in err and "checkpoints" in err, err
-    # Refused before the data set is touched (it used to start downloading CIFAR-10 into --data-dir first).
-    code = L.main(["--pretrained", "--arch", "swin-l", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
+    assert (
+        code != 0 and err.count("\n") == 1 and "could not fetch" in err and "checkpoints" in err
+    ), err
+    # Refused before the data set is touched (it used to start downloading CIFAR-10 first).
+    code = L.main(
+        [
+            "--pretrained",
+            "--arch",
+            "swin-l",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err
-    assert code != 0 and "ImageNet weights for swin-t" in err and not (tmp_path / "data").exists(), err
+    assert (
+        code != 0 and "ImageNet weights for swin-t" in err and not (tmp_path / "data").exists()
+    ), err
 
 
 @pytest.mark.parametrize("resolution,window,shift", [(8, 4, 2), (12, 4, 2), (14, 7, 3), (6, 3, 1)])
 def test_shift_mask_matches_brute_force(resolution, window, shift):
     """Two tokens of a shifted window may attend to each other iff the cyclic shift did not wrap
-    one of them around the border, i.e. their offset in the image equals their offset in the window."""
+    one of them around the border, i.e. their offset in the image equals their offset in the window.
+    """
     mask = L.shifted_window_mask(resolution, window, shift)
     per_side = resolution // window
     assert mask.shape == (per_side**2, window**2, window**2)
@@ -106,7 +175,9 @@ def test_shift_mask_matches_brute_force(resolution, window, shift):
                 (ar, ac), (br, bc) = divmod(a, window), divmod(b, window)
                 rows = [wr * window + r for r in (ar, br)]  # coordinates in the shifted grid
                 cols = [wc * window + c for c in (ac, bc)]
-                wrapped = [(x + shift) // resolution for x in rows + cols]  # 1 if the shift wrapped it
+                wrapped = [
+                    (x + shift) // resolution for x in rows + cols
+                ]  # 1 if the shift wrapped it
                 allowed = wrapped[0] == wrapped[1] and wrapped[2] == wrapped[3]
                 assert mask[w, a, b].item() == (0.0 if allowed else -100.0)
 
@@ -134,13 +205,23 @@ def test_shifted_attention_equals_masked_brute_force():
     rows, cols = torch.meshgrid(torch.arange(res), torch.arange(res), indexing="ij")
     rows, cols = rows.flatten(), cols.flatten()
     srow, scol = (rows - shift) % res, (cols - shift) % res  # where each token sits after the shift
-    same_window = (srow[:, None] // window == srow[None] // window) & (scol[:, None] // window == scol[None] // window)
-    true_neighbours = (srow[:, None] - srow[None] == rows[:, None] - rows[None]) & (scol[:, None] - scol[None] == cols[:, None] - cols[None])
+    same_window = (srow[:, None] // window == srow[None] // window) & (
+        scol[:, None] // window == scol[None] // window
+    )
+    true_neighbours = (srow[:, None] - srow[None] == rows[:, None] - rows[None]) & (
+        scol[:, None] - scol[None] == cols[:, None] - cols[None]
+    )
     dr, dc = srow[:, None] - srow[None] + window - 1, scol[:, None] - scol[None] + window - 1
-    bias = attn.relative_position_bias_table[(dr * (2 * window - 1) + dc).clamp(0, (2 * window - 1) ** 2 - 1)]
+    bias = attn.relative_position_bias_table[
+        (dr * (2 * window - 1) + dc).clamp(0, (2 * window - 1) ** 2 - 1)
+    ]
     logits = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(dim // heads) + bias.permute(2, 0, 1)
-    logits = logits.masked_fill(~same_window, float("-inf")).masked_fill(same_window & ~true_neighbours, -100.0)
-    expected = attn.proj(torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), v).reshape(2, res, res, dim))
+    logits = logits.masked_fill(~same_window, float("-inf")).masked_fill(
+        same_window & ~true_neighbours, -100.0
+    )
+    expected = attn.proj(
+        torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), v).reshape(2, res, res, dim)
+    )
     assert torch.allclose(attn(x), expected, atol=1e-5)
 
 
@@ -160,6 +241,7 @@ def test_window_clipped_to_small_stages_and_bad_grid_refused():
 
 # ---------------------------------------------------------------- 3.2-3.3 modules and split
 
+
 def test_paper_split_and_near_equal_split():
     assert L.resolve_split("paper", 4, (2, 2, 6, 2)) == (2, 4, 10)  # one stage per module
     assert L.resolve_split("paper", 2, (2, 2, 6, 2)) == (2,)  # stage 1 | stages 2-4
@@ -171,7 +253,12 @@ def test_paper_split_and_near_equal_split():
     net = small_net(4)
     blocks = [sum(isinstance(m, L.SwinBlock) for m in spec.layers) for spec in net.specs]
     merges = [sum(isinstance(m, L.PatchMerging) for m in spec.layers) for spec in net.specs]
-    assert blocks == [2, 2, 6, 2] and merges == [1, 1, 1, 0]  # each stage with the merging that ends it
+    assert blocks == [2, 2, 6, 2] and merges == [
+        1,
+        1,
+        1,
+        0,
+    ]  # each stage with the merging that ends it
     assert isinstance(net.specs[-1].layers[-1], L.ClassifierHead)
 
 
@@ -196,7 +283,9 @@ class GradRecorder:
         self.grads, self.state = None, {}
 
     def step(self):
-        self.grads = [None if p.grad is None else p.grad.clone() for p in self.param_groups[0]["params"]]
+        self.grads = [
+            None if p.grad is None else p.grad.clone() for p in self.param_groups[0]["params"]
+        ]
 
     def zero_grad(self, set_to_none=True):
         for p in self.param_groups[0]["params"]:
@@ -222,11 +311,17 @@ def test_gradient_isolation(method):
         x_in = net.backbone.patch_embed(x) if i == 0 else x
         out = spec.layers(x_in)
         loss = net.local_modules[i].loss(out, x_in, images, labels)
-        grads = dict(zip(map(id, everything), torch.autograd.grad(loss, everything, allow_unused=True)))
+        grads = dict(
+            zip(map(id, everything), torch.autograd.grad(loss, everything, allow_unused=True))
+        )
         mine = {id(p) for p in recorder.param_groups[0]["params"]}
-        assert all(g is None or not g.any() for pid, g in grads.items() if pid not in mine), f"loss {i + 1} leaks"
+        assert all(
+            g is None or not g.any() for pid, g in grads.items() if pid not in mine
+        ), f"loss {i + 1} leaks"
         for p, recorded in zip(recorder.param_groups[0]["params"], recorder.grads):
-            assert recorded is not None and torch.allclose(recorded, grads[id(p)], rtol=1e-4, atol=1e-6)
+            assert recorded is not None and torch.allclose(
+                recorded, grads[id(p)], rtol=1e-4, atol=1e-6
+            )
         x = out.detach()
 
 
@@ -239,14 +334,23 @@ def test_checkpointing_gives_the_same_gradients_in_less_memory(k):
     for checkpoint in (False, True):
         torch.manual_seed(0)
         backbone = L.build_model("swin-t", 10, **{**SMALL, "drop_path": 0.5})
-        net = L.LocalSwin(backbone, L.resolve_split("paper", k, (2, 2, 6, 2)), checkpoint=checkpoint)
+        net = L.LocalSwin(
+            backbone, L.resolve_split("paper", k, (2, 2, 6, 2)), checkpoint=checkpoint
+        )
         recorders = [GradRecorder(net.local_modules[i].parameters()) for i in range(k)]
         torch.manual_seed(1)
         L.train_step(net.local_modules, recorders, *batch(), clip_grad=float("inf"))
         grads[checkpoint] = [g for r in recorders for g in r.grads]
         torch.manual_seed(1)
-        activations[checkpoint] = L.measure_memory(net, recorders, batch_size=16, num_classes=10, device=torch.device("cpu"),
-                                                   steps=1, clip_grad=float("inf"))["activation_memory_mib"]
+        activations[checkpoint] = L.measure_memory(
+            net,
+            recorders,
+            batch_size=16,
+            num_classes=10,
+            device=torch.device("cpu"),
+            steps=1,
+            clip_grad=float("inf"),
+        )["activation_memory_mib"]
     assert len(grads[True]) == len(grads[False]) and all(g is not None for g in grads[True])
     for a, b in zip(grads[False], grads[True]):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -271,21 +375,40 @@ def test_balanced_split_holds_no_more_than_the_paper_split(checkpoint):
     largest module is no larger than the paper split's, and the estimate matches the step (with
     --checkpoint too). The search itself, one block at a time, peaks far below E2E training."""
     torch.manual_seed(0)
-    options = dict(method="ours", decoder="interp", temperature=0.07, label_smoothing=0.1, checkpoint=checkpoint)
+    options = dict(
+        method="ours",
+        decoder="interp",
+        temperature=0.07,
+        label_smoothing=0.1,
+        checkpoint=checkpoint,
+    )
     backbone = L.build_model("swin-t", 10, **{**SMALL, "embed_dim": 32, "heads": (2, 4, 8, 16)})
     search = L.PeakMemory([torch.device("cpu")])
     with search.region():
-        ends, shares = L.balanced_split(backbone, 4, [3.0, 1.5, 0.0], batch_size=16, device=torch.device("cpu"), **options)
+        ends, shares = L.balanced_split(
+            backbone, 4, [3.0, 1.5, 0.0], batch_size=16, device=torch.device("cpu"), **options
+        )
     assert len(ends) == 3 and list(ends) == sorted(set(ends)) and len(shares) == 4
     measured = {}
     for name, split in (("e2e", ()), ("paper", (2, 4, 10)), ("balanced", ends)):
-        net = L.LocalSwin(backbone, split, **{**options, "checkpoint": checkpoint and name != "e2e"})
-        optimizers, _ = L.make_optimizers(net.local_modules, lr=1e-3, weight_decay=0.05, total_steps=10, warmup_steps=2)
-        measured[name] = L.measure_memory(net, optimizers, batch_size=16, num_classes=10, device=torch.device("cpu"),
-                                          steps=1)["activation_memory_mib"]
+        net = L.LocalSwin(
+            backbone, split, **{**options, "checkpoint": checkpoint and name != "e2e"}
+        )
+        optimizers, _ = L.make_optimizers(
+            net.local_modules, lr=1e-3, weight_decay=0.05, total_steps=10, warmup_steps=2
+        )
+        measured[name] = L.measure_memory(
+            net, optimizers, batch_size=16, num_classes=10, device=torch.device("cpu"), steps=1
+        )["activation_memory_mib"]
     assert measured["balanced"] <= measured["paper"] * 1.01, (ends, measured)
-    assert max(shares) == pytest.approx(measured["balanced"] / measured["e2e"], abs=0.05), (shares, measured)
-    assert search.peak_bytes() / 2**20 < 0.5 * measured["e2e"], (search.peak_bytes() / 2**20, measured)
+    assert max(shares) == pytest.approx(measured["balanced"] / measured["e2e"], abs=0.05), (
+        shares,
+        measured,
+    )
+    assert search.peak_bytes() / 2**20 < 0.5 * measured["e2e"], (
+        search.peak_bytes() / 2**20,
+        measured,
+    )
 
 
 def test_live_tensor_meter_counts_allocations_not_views():
@@ -309,14 +432,19 @@ def test_k4_holds_much_less_activation_memory_than_k1():
     figures = {}
     for k in (1, 4):
         net = small_net(k)
-        optimizers, _ = L.make_optimizers(net.local_modules, lr=1e-3, weight_decay=0.05, total_steps=10, warmup_steps=2)
-        figures[k] = L.measure_memory(net, optimizers, batch_size=16, num_classes=10, device=torch.device("cpu"), steps=1)
+        optimizers, _ = L.make_optimizers(
+            net.local_modules, lr=1e-3, weight_decay=0.05, total_steps=10, warmup_steps=2
+        )
+        figures[k] = L.measure_memory(
+            net, optimizers, batch_size=16, num_classes=10, device=torch.device("cpu"), steps=1
+        )
     ratio = figures[4]["activation_memory_mib"] / figures[1]["activation_memory_mib"]
     assert ratio < 0.7, figures
     assert figures[1]["peak_memory_mib"] > figures[1]["state_memory_mib"] > 0
 
 
 # ---------------------------------------------------------------- 3.4-3.5 aux block and losses
+
 
 def nt_xent_from_definition(z, labels, temperature):
     """Supervised NT-Xent, one anchor at a time, straight from the definition."""
@@ -327,7 +455,9 @@ def nt_xent_from_definition(z, labels, temperature):
         if not positives:
             continue
         denominator = sum(math.exp(float(z[i] @ z[j]) / temperature) for j in others)
-        total += -sum(math.log(math.exp(float(z[i] @ z[p]) / temperature) / denominator) for p in positives) / len(positives)
+        total += -sum(
+            math.log(math.exp(float(z[i] @ z[p]) / temperature) / denominator) for p in positives
+        ) / len(positives)
         anchors += 1
     return total / anchors
 
@@ -339,7 +469,9 @@ def test_nt_xent_matches_slow_loop(temperature):
     labels = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 0, 4, 2, 5])  # classes 4 and 5 have no positive
     fast = L.supervised_nt_xent(z, labels, temperature).item()
     assert fast == pytest.approx(nt_xent_from_definition(z, labels, temperature), rel=1e-9)
-    assert L.supervised_nt_xent(z, torch.arange(12), temperature).item() == 0.0  # no positives at all
+    assert (
+        L.supervised_nt_xent(z, torch.arange(12), temperature).item() == 0.0
+    )  # no positives at all
 
 
 def feature_shapes(net, images):
@@ -356,17 +488,29 @@ def feature_shapes(net, images):
 @pytest.mark.parametrize("decoder", ["interp", "deconv", "deconv4"])
 def test_decoder_reconstructs_the_module_input_for_every_split(decoder):
     images, _ = batch(n=2)
-    splits = [L.resolve_split("paper", k, (2, 2, 6, 2)) for k in range(2, 13)] + [(3, 5, 11), (1, 9)]
+    splits = [L.resolve_split("paper", k, (2, 2, 6, 2)) for k in range(2, 13)] + [
+        (3, 5, 11),
+        (1, 9),
+    ]
     for ends in splits:
         torch.manual_seed(0)
-        net = L.LocalSwin(L.build_model("swin-t", 10, **SMALL), ends, decoder=decoder, lambdas=[1.0] * len(ends), mus=[1.0] * len(ends))
+        net = L.LocalSwin(
+            L.build_model("swin-t", 10, **SMALL),
+            ends,
+            decoder=decoder,
+            lambdas=[1.0] * len(ends),
+            mus=[1.0] * len(ends),
+        )
         shapes = feature_shapes(net, images)
         with torch.no_grad():
             x = net.backbone.patch_embed(images)
             for i, (spec, aux) in enumerate(zip(net.specs, net.aux)):
                 x = spec.layers(x)
                 z, recon = aux.head(x)
-                assert recon.shape == shapes[i], (ends, i)  # module 1 reconstructs the patch embedding
+                assert recon.shape == shapes[i], (
+                    ends,
+                    i,
+                )  # module 1 reconstructs the patch embedding
                 assert z.shape == (2, 128) and torch.allclose(z.norm(dim=1), torch.ones(2))
 
 
@@ -379,7 +523,9 @@ def test_infopro_decoder_reconstructs_the_image():
             x = spec.layers(x)
             assert aux.head(x)[1].shape == images.shape
     assert all(aux.head.decoder is None for aux in small_net(4, method="greedy-contrast").aux)
-    assert all(isinstance(aux.head, L.ClassifierHead) for aux in small_net(4, method="greedy-ce").aux)
+    assert all(
+        isinstance(aux.head, L.ClassifierHead) for aux in small_net(4, method="greedy-ce").aux
+    )
 
 
 def test_lambda_mu_schedule():
@@ -405,19 +551,24 @@ def test_eq2_weights_reach_the_loss():
         if lam == 0:
             assert net.aux[0].head.decoder is None
             z, _ = net.aux[0].head(out)
-            assert losses[lam, mu] == pytest.approx(L.supervised_nt_xent(z, labels, 0.07).item(), rel=1e-5)
+            assert losses[lam, mu] == pytest.approx(
+                L.supervised_nt_xent(z, labels, 0.07).item(), rel=1e-5
+            )
     # (1,2) - (1,1) = L_xy = (0,1)
     assert losses[1.0, 2.0] - losses[1.0, 1.0] == pytest.approx(losses[0.0, 1.0], rel=1e-4)
 
 
 # ---------------------------------------------------------------- the command line, end to end
 
+
 def run_cli(args, out, capsys):
     code = L.main(TINY_CLI + ["--out", str(out)] + args)
     return code, capsys.readouterr()
 
 
-@pytest.mark.parametrize("method,k", [("ours", 3), ("infopro", 3), ("greedy-ce", 3), ("greedy-contrast", 3), ("ours", 1)])
+@pytest.mark.parametrize(
+    "method,k", [("ours", 3), ("infopro", 3), ("greedy-ce", 3), ("greedy-contrast", 3), ("ours", 1)]
+)
 def test_cli_trains_on_synthetic_for_every_method(method, k, tmp_path, capsys):
     code, cap = run_cli(["--method", method, "--k", str(k), "--epochs", "2"], tmp_path, capsys)
     assert code == 0, cap.err
@@ -433,8 +584,9 @@ def test_cli_trains_on_synthetic_for_every_method(method, k, tmp_path, capsys):
 
 
 def make_png_folder(root):
-    """An ImageFolder of 3 colour classes: 40 training and 8 test PNGs each, one of them grayscale."""
+    """An ImageFolder of 3 colour classes: 40 training and 8 test PNGs each, one grayscale."""
     from PIL import Image
+
     gen = torch.Generator().manual_seed(0)
     for split, n in (("train", 40), ("val", 8)):
         for c, colour in enumerate(("red", "green", "blue")):
@@ -450,8 +602,24 @@ def make_png_folder(root):
 @pytest.mark.parametrize("method", L.METHODS)
 def test_cli_imagefolder_of_pngs(method, tmp_path, capsys):
     make_png_folder(tmp_path / "data")
-    code, cap = run_cli(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--epochs", "2",
-                         "--batch-size", "16", "--k", "2", "--method", method], tmp_path / "out", capsys)
+    code, cap = run_cli(
+        [
+            "--dataset",
+            "imagefolder",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--k",
+            "2",
+            "--method",
+            method,
+        ],
+        tmp_path / "out",
+        capsys,
+    )
     assert code == 0, cap.err
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["config"]["dataset"] == "imagefolder" and results["config"]["method"] == method
@@ -472,12 +640,19 @@ def test_validation_split_is_fixed_disjoint_and_reported(tmp_path, capsys):
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     results = json.loads((tmp_path / "results.json").read_text())
     assert all(r["steps"] == 768 // 64 for r in log)  # 1024 synthetic images, a quarter held out
-    assert results["best_val_acc"] == max(r["val_acc"] for r in log) and results["val_acc"] == log[-1]["val_acc"]
-    assert results["best_val_epoch"] in (1, 2) and "val loss" in cap.out and "best_test_acc" not in results
+    assert (
+        results["best_val_acc"] == max(r["val_acc"] for r in log)
+        and results["val_acc"] == log[-1]["val_acc"]
+    )
+    assert (
+        results["best_val_epoch"] in (1, 2)
+        and "val loss" in cap.out
+        and "best_test_acc" not in results
+    )
 
 
 def write_idx(path, array):
-    """A file in the IDX format of the MNIST files: magic (0, 0, dtype 0x08 = uint8, ndim), sizes, bytes."""
+    """A file in MNIST's IDX format: magic (0, 0, 0x08 = uint8, ndim), sizes, bytes."""
     header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
     path.write_bytes(header + array.numpy().tobytes())
 
@@ -490,54 +665,117 @@ def test_mnist_format_files_are_read_and_trained_on(name, folder, tmp_path, caps
     for prefix, n in (("train", 96), ("t10k", 32)):
         labels = torch.arange(n) % 10
         images = (torch.rand(n, 28, 28, generator=gen) * 60).to(torch.uint8)
-        images[:, 2:26, 2:26] += (labels * 19).to(torch.uint8)[:, None, None]  # a class is a brightness
+        images[:, 2:26, 2:26] += (labels * 19).to(torch.uint8)[
+            :, None, None
+        ]  # a class is a brightness
         write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels.to(torch.uint8))
     train, test = L.make_datasets(name, str(tmp_path / "data"), 32, download=False)
     assert train.images.shape == (96, 1, 28, 28) and test.images.shape == (32, 1, 28, 28)
     assert torch.equal(train.labels, torch.arange(96) % 10)
-    code, cap = run_cli(["--dataset", name, "--data-dir", str(tmp_path / "data"), "--no-download", "--batch-size", "16",
-                         "--epochs", "1", "--k", "2", "--val-split", "0.25"], tmp_path / "out", capsys)
+    code, cap = run_cli(
+        [
+            "--dataset",
+            name,
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--no-download",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "1",
+            "--k",
+            "2",
+            "--val-split",
+            "0.25",
+        ],
+        tmp_path / "out",
+        capsys,
+    )
     assert code == 0, cap.err
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["steps"] == 72 // 16 and results["test_acc"] is not None
-    code, cap = run_cli(["--dataset", name, "--data-dir", str(tmp_path / "nowhere"), "--no-download"], tmp_path / "out2", capsys)
-    assert code == 2 and f"{tmp_path / 'nowhere' / folder / 'raw'}" in cap.err and "train-images-idx3-ubyte" in cap.err
+    code, cap = run_cli(
+        ["--dataset", name, "--data-dir", str(tmp_path / "nowhere"), "--no-download"],
+        tmp_path / "out2",
+        capsys,
+    )
+    assert (
+        code == 2
+        and f"{tmp_path / 'nowhere' / folder / 'raw'}" in cap.err
+        and "train-images-idx3-ubyte" in cap.err
+    )
 
 
 def test_batch_augmentation_crops_resizes_and_flips():
     size, n = 24, 256
     ramp = torch.linspace(0, 1, 48)
-    images = torch.stack([ramp.expand(48, 48), ramp[:, None].expand(48, 48)])[None].expand(n, 2, 48, 48)  # x and y
+    images = torch.stack([ramp.expand(48, 48), ramp[:, None].expand(48, 48)])[None].expand(
+        n, 2, 48, 48
+    )  # x and y
     out = L.random_resized_crop(images, size, 0.35, torch.Generator().manual_seed(0))
     assert out.shape == (n, 2, size, size)
-    assert torch.equal(out, L.random_resized_crop(images, size, 0.35, torch.Generator().manual_seed(0)))
+    assert torch.equal(
+        out, L.random_resized_crop(images, size, 0.35, torch.Generator().manual_seed(0))
+    )
     x, y = out[:, 0], out[:, 1]
-    width = (x[:, :, -1] - x[:, :, 0]).mean(1).abs() * 47 / 48 * size / (size - 1)  # the crop's share of the image side
+    width = (
+        (x[:, :, -1] - x[:, :, 0]).mean(1).abs() * 47 / 48 * size / (size - 1)
+    )  # the crop's share of the image side
     height = (y[:, -1, :] - y[:, 0, :]).mean(1) * 47 / 48 * size / (size - 1)
     area = width * height
-    assert area.min() > 0.35 - 0.03 and area.max() < 1 + 0.03 and area.max() > 0.9 and area.min() < 0.45
-    assert ((width / height > 3 / 4 - 0.03) & (width / height < 4 / 3 + 0.03)).float().mean() > 0.8  # unless clamped
+    assert (
+        area.min() > 0.35 - 0.03
+        and area.max() < 1 + 0.03
+        and area.max() > 0.9
+        and area.min() < 0.45
+    )
+    assert (
+        (width / height > 3 / 4 - 0.03) & (width / height < 4 / 3 + 0.03)
+    ).float().mean() > 0.8  # unless clamped
     flipped = (x[:, :, -1] < x[:, :, 0]).all(1)
     assert 0.35 < flipped.float().mean() < 0.65
     assert (x.amin((1, 2)) > -0.01).all() and (x.amax((1, 2)) < 1.01).all()  # inside the image
     gray = (torch.rand(4, 1, 28, 28) * 255).to(torch.uint8)
     test_input = L.prepare_batch(gray, 28)  # testing: same size, no augmentation
     std, mean = (torch.tensor(v).view(1, 3, 1, 1) for v in (L.IMAGENET_STD, L.IMAGENET_MEAN))
-    assert torch.allclose(test_input * std + mean, gray.float().div(255).expand(-1, 3, -1, -1), atol=1e-6)
+    assert torch.allclose(
+        test_input * std + mean, gray.float().div(255).expand(-1, 3, -1, -1), atol=1e-6
+    )
     assert L.prepare_batch(gray, 32).shape == (4, 3, 32, 32)
     assert L.prepare_batch(gray, 32, torch.Generator().manual_seed(0)).shape == (4, 3, 32, 32)
 
 
 def test_summary_prints_curves_and_rows(tmp_path):
-    for name, accs in (("e2e-s0", [60.0, 80.0]), ("e2e-s1", [62.0, 84.0]), ("ours-s0", [50.0, 78.0])):
+    for name, accs in (
+        ("e2e-s0", [60.0, 80.0]),
+        ("e2e-s1", [62.0, 84.0]),
+        ("ours-s0", [50.0, 78.0]),
+    ):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps({"epoch": e + 1, "val_acc": a, "test_acc": a - 1}) + "\n"
-                                                           for e, a in enumerate(accs)))
-        (tmp_path / name / "results.json").write_text(json.dumps({
-            "test_acc": accs[-1] - 1, "val_acc": accs[-1], "epochs": 2, "peak_memory_mib": 100.0, "wall_time_s": 120.0,
-            "images_per_second": 500.0}))
-    done = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "summary", str(tmp_path)], capture_output=True, text=True)
+        (tmp_path / name / "log.jsonl").write_text(
+            "".join(
+                json.dumps({"epoch": e + 1, "val_acc": a, "test_acc": a - 1}) + "\n"
+                for e, a in enumerate(accs)
+            )
+        )
+        (tmp_path / name / "results.json").write_text(
+            json.dumps(
+                {
+                    "test_acc": accs[-1] - 1,
+                    "val_acc": accs[-1],
+                    "epochs": 2,
+                    "peak_memory_mib": 100.0,
+                    "wall_time_s": 120.0,
+                    "images_per_second": 500.0,
+                }
+            )
+        )
+    done = subprocess.run(
+        ["bash", os.path.join(HERE, "run.sh"), "summary", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert "| 2 | 80.00 | 84.00 | 78.00 |" in lines
@@ -547,16 +785,32 @@ def test_summary_prints_curves_and_rows(tmp_path):
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, capsys):
     assert run_cli(["--k", "2", "--epochs", "2"], tmp_path / "whole", capsys)[0] == 0
-    assert run_cli(["--k", "2", "--epochs", "2", "--max-steps", "16"], tmp_path / "cut", capsys)[0] == 0  # 16 steps = 1 epoch
+    assert (
+        run_cli(["--k", "2", "--epochs", "2", "--max-steps", "16"], tmp_path / "cut", capsys)[0]
+        == 0
+    )  # 16 steps = 1 epoch
     assert len((tmp_path / "cut" / "log.jsonl").read_text().splitlines()) == 1
     code, cap = run_cli(["--k", "2", "--epochs", "2", "--resume"], tmp_path / "cut", capsys)
     assert code == 0 and "resumed" in cap.out
-    whole, cut = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("whole", "cut")]
+    whole, cut = [
+        [json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+        for d in ("whole", "cut")
+    ]
     for a, b in zip(whole, cut, strict=True):
-        assert (a["train_loss"], a["test_loss"], a["test_acc"]) == (b["train_loss"], b["test_loss"], b["test_acc"])
-    # The peak counts the optimizer state alike in a resumed run (loaded) and a run cut within its first epoch.
-    assert run_cli(["--k", "2", "--epochs", "2", "--max-steps", "3"], tmp_path / "trial", capsys)[0] == 0
-    peaks = [json.loads((tmp_path / d / "results.json").read_text())["peak_memory_mib"] for d in ("whole", "cut", "trial")]
+        assert (a["train_loss"], a["test_loss"], a["test_acc"]) == (
+            b["train_loss"],
+            b["test_loss"],
+            b["test_acc"],
+        )
+    # The peak counts the optimizer state alike in a resumed run (loaded) and a run cut in epoch 1.
+    assert (
+        run_cli(["--k", "2", "--epochs", "2", "--max-steps", "3"], tmp_path / "trial", capsys)[0]
+        == 0
+    )
+    peaks = [
+        json.loads((tmp_path / d / "results.json").read_text())["peak_memory_mib"]
+        for d in ("whole", "cut", "trial")
+    ]
     assert peaks[1] == peaks[0] and peaks[2] == peaks[0], peaks  # to the byte
 
 
@@ -564,23 +818,48 @@ def test_resume_is_exact_with_decoding_workers(tmp_path, capsys):
     """Worker processes only decode an imagefolder once; the random stream of epoch e is a
     function of (seed, e), so a resumed run equals an uninterrupted one whatever --workers is."""
     make_png_folder(tmp_path / "data")
-    args = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--workers", "2", "--batch-size", "16",
-            "--k", "2", "--epochs", "2"]
+    args = [
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--workers",
+        "2",
+        "--batch-size",
+        "16",
+        "--k",
+        "2",
+        "--epochs",
+        "2",
+    ]
     assert run_cli(args, tmp_path / "whole", capsys)[0] == 0
-    assert run_cli(args + ["--max-steps", "10"], tmp_path / "cut", capsys)[0] == 0  # 7 steps per epoch
+    assert (
+        run_cli(args + ["--max-steps", "10"], tmp_path / "cut", capsys)[0] == 0
+    )  # 7 steps per epoch
     assert run_cli(args + ["--resume"], tmp_path / "cut", capsys)[0] == 0
-    whole, cut = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("whole", "cut")]
-    assert [(r["train_loss"], r["test_loss"]) for r in whole] == [(r["train_loss"], r["test_loss"]) for r in cut]
+    whole, cut = [
+        [json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+        for d in ("whole", "cut")
+    ]
+    assert [(r["train_loss"], r["test_loss"]) for r in whole] == [
+        (r["train_loss"], r["test_loss"]) for r in cut
+    ]
 
 
 def test_a_run_is_never_replaced_unasked(tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli(["--k", "2", "--epochs", "1"], out, capsys)[0] == 0
     before = {f: (out / f).read_bytes() for f in L.RUN_FILES}
-    for args in (["--k", "2", "--epochs", "1"], ["--k", "2", "--measure-memory"], ["--k", "1", "--epochs", "1"]):
+    for args in (
+        ["--k", "2", "--epochs", "1"],
+        ["--k", "2", "--measure-memory"],
+        ["--k", "1", "--epochs", "1"],
+    ):
         code, cap = run_cli(args, out, capsys)
         assert code == 2 and "holds a run" in cap.err and "--overwrite" in cap.err, cap.err
-    code, cap = run_cli(["--k", "2", "--epochs", "1", "--resume"], out, capsys)  # finished: nothing to do
+    code, cap = run_cli(
+        ["--k", "2", "--epochs", "1", "--resume"], out, capsys
+    )  # finished: nothing to do
     assert code == 0 and "nothing to do" in cap.out
     assert {f: (out / f).read_bytes() for f in L.RUN_FILES} == before
     assert run_cli(["--k", "2", "--epochs", "1", "--resume", "--overwrite"], out, capsys)[0] == 2
@@ -591,22 +870,47 @@ def test_a_run_is_never_replaced_unasked(tmp_path, capsys):
 def test_the_first_minutes_say_what_happens(tmp_path, capsys, monkeypatch):
     """Before the first step: where the outputs go; after it: a progress line with an ETA. An epoch
     cut short by --max-steps is evaluated on as many images as it trained on, and says so."""
-    code, cap = run_cli(["--k", "2", "--epochs", "2", "--max-steps", "5", "--log-every", "2", "--val-split", "0.5"],
-                        tmp_path, capsys)
+    code, cap = run_cli(
+        ["--k", "2", "--epochs", "2", "--max-steps", "5", "--log-every", "2", "--val-split", "0.5"],
+        tmp_path,
+        capsys,
+    )
     assert code == 0, cap.err
     lines = cap.out.splitlines()
     where = next(i for i, line in enumerate(lines) if f"into {tmp_path}/" in line)
     progress = [i for i, line in enumerate(lines) if line.startswith("epoch 1/2 step ")]
     assert where < progress[0] and all("ETA" in lines[i] for i in progress)
-    assert [lines[i].split()[3] for i in progress] == ["1/8", "2/8", "4/8", "5/8"]  # step 1, every 2nd, the last
+    assert [lines[i].split()[3] for i in progress] == [
+        "1/8",
+        "2/8",
+        "4/8",
+        "5/8",
+    ]  # step 1, every 2nd, the last
     record = json.loads((tmp_path / "log.jsonl").read_text())
-    assert record["val_images"] == 5 * 64 and "(on 320 of its images)" in cap.out and record["test_images"] == 256
+    assert (
+        record["val_images"] == 5 * 64
+        and "(on 320 of its images)" in cap.out
+        and record["test_images"] == 256
+    )
     clock = iter(range(0, 10**6, 16))  # 16 s between readings: a line every other batch
     monkeypatch.setattr(L.time, "perf_counter", lambda: next(clock))
-    net = L.LocalSwin(L.build_model("swin-t", 10, img_size=32, patch_size=2, window_size=4, embed_dim=16,
-                                    depths=(2, 2, 2), heads=(1, 2, 4)), (2,))
+    net = L.LocalSwin(
+        L.build_model(
+            "swin-t",
+            10,
+            img_size=32,
+            patch_size=2,
+            window_size=4,
+            embed_dim=16,
+            depths=(2, 2, 2),
+            heads=(1, 2, 4),
+        ),
+        (2,),
+    )
     L.evaluate(net, L.synthetic_images(train=False), torch.device("cpu"), 64, name="test")
-    assert capsys.readouterr().out.splitlines() == [f"  evaluating test: {n}/256 images" for n in (64, 192)]
+    assert capsys.readouterr().out.splitlines() == [
+        f"  evaluating test: {n}/256 images" for n in (64, 192)
+    ]
 
 
 def test_default_output_folders_do_not_collide(tmp_path, monkeypatch, capsys):
@@ -617,25 +921,50 @@ def test_default_output_folders_do_not_collide(tmp_path, monkeypatch, capsys):
 
 
 def test_a_module_per_device_gives_the_same_run(tmp_path, capsys):
-    """--devices puts module i on the i-th device; on cpu,cpu,cpu the run must equal one device's."""
+    """--devices puts module i on the i-th device; on cpu,cpu,cpu the run equals one device's."""
     assert run_cli(["--k", "3", "--epochs", "1"], tmp_path / "one", capsys)[0] == 0
-    code, cap = run_cli(["--k", "3", "--epochs", "1", "--devices", "cpu,cpu,cpu"], tmp_path / "three", capsys)
+    code, cap = run_cli(
+        ["--k", "3", "--epochs", "1", "--devices", "cpu,cpu,cpu"], tmp_path / "three", capsys
+    )
     assert code == 0, cap.err
-    one, three = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("one", "three")]
-    assert [(r["train_loss"], r["test_acc"]) for r in one] == [(r["train_loss"], r["test_acc"]) for r in three]
+    one, three = [
+        [json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+        for d in ("one", "three")
+    ]
+    assert [(r["train_loss"], r["test_acc"]) for r in one] == [
+        (r["train_loss"], r["test_acc"]) for r in three
+    ]
     assert json.loads((tmp_path / "three" / "results.json").read_text())["devices"] == ["cpu"] * 3
 
 
 def test_cli_checkpoint_composes_with_devices_and_amp(tmp_path, capsys):
     """--checkpoint with a module per device and bf16 autocast: the run equals the same run
     without it (the recomputation replays drop-path and autocast), and holds less memory."""
-    args = ["--k", "3", "--epochs", "1", "--devices", "cpu,cpu,cpu", "--amp", "bf16", "--drop-path", "0.3"]
+    args = [
+        "--k",
+        "3",
+        "--epochs",
+        "1",
+        "--devices",
+        "cpu,cpu,cpu",
+        "--amp",
+        "bf16",
+        "--drop-path",
+        "0.3",
+    ]
     assert run_cli(args, tmp_path / "plain", capsys)[0] == 0
     code, cap = run_cli(args + ["--checkpoint"], tmp_path / "checkpoint", capsys)
     assert code == 0, cap.err
-    plain, ckpt = [json.loads((tmp_path / d / "log.jsonl").read_text()) for d in ("plain", "checkpoint")]
-    assert plain["train_loss"] == pytest.approx(ckpt["train_loss"], rel=1e-3) and plain["test_acc"] == pytest.approx(ckpt["test_acc"], abs=1)
-    peaks = [json.loads((tmp_path / d / "results.json").read_text())["peak_memory_mib"] for d in ("plain", "checkpoint")]
+    plain, ckpt = [
+        json.loads((tmp_path / d / "log.jsonl").read_text()) for d in ("plain", "checkpoint")
+    ]
+    assert plain["train_loss"] == pytest.approx(ckpt["train_loss"], rel=1e-3) and plain[
+        "test_acc"
+    ] == pytest.approx(ckpt["test_acc"], abs=1)
+    peaks = [
+        json.loads((tmp_path / d / "results.json").read_text())["peak_memory_mib"]
+        for d in ("plain", "checkpoint")
+    ]
     assert peaks[1] < peaks[0], peaks
 
 
@@ -651,14 +980,18 @@ DDP_WORKER = """
 import sys, torch, local_swin as L
 torch.distributed.init_process_group("gloo")
 rank = torch.distributed.get_rank()
-torch.manual_seed(rank)  # different initial weights on each process: DDP must start them all from rank 0's
-backbone = L.build_model("swin-t", 10, img_size=64, patch_size=2, window_size=4, embed_dim=16, heads=(1, 2, 4, 8))
+torch.manual_seed(rank)  # different initial weights: DDP must start every process from rank 0's
+backbone = L.build_model("swin-t", 10, img_size=64, patch_size=2, window_size=4, embed_dim=16,
+                         heads=(1, 2, 4, 8))
 net = L.LocalSwin(backbone, (2, 4, 10))
 modules = L.distribute(net.local_modules, torch.device("cpu"))
-optimizers, _ = L.make_optimizers(modules, lr=1e-3, weight_decay=0.05, total_steps=10, warmup_steps=1)
+optimizers, _ = L.make_optimizers(modules, lr=1e-3, weight_decay=0.05, total_steps=10,
+                                  warmup_steps=1)
 data = torch.Generator().manual_seed(100 + rank)  # and different data
 for _ in range(3):
-    L.train_step(modules, optimizers, torch.randn(8, 3, 64, 64, generator=data), torch.randint(4, (8,), generator=data))
+    images = torch.randn(8, 3, 64, 64, generator=data)
+    labels = torch.randint(4, (8,), generator=data)
+    L.train_step(modules, optimizers, images, labels)
 torch.save({name: p.detach() for name, p in net.named_parameters()}, f"{sys.argv[1]}/rank{rank}.pt")
 torch.distributed.destroy_process_group()
 """
@@ -666,8 +999,22 @@ torch.distributed.destroy_process_group()
 
 def torchrun(args, **kwargs):
     env = {**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
-                          capture_output=True, text=True, timeout=300, env=env, **kwargs)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        **kwargs,
+    )
 
 
 def test_data_parallel_keeps_every_process_identical(tmp_path):
@@ -679,29 +1026,76 @@ def test_data_parallel_keeps_every_process_identical(tmp_path):
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     torch.manual_seed(0)
-    initial = dict(L.LocalSwin(L.build_model("swin-t", 10, img_size=64, patch_size=2, window_size=4, embed_dim=16,
-                                             heads=(1, 2, 4, 8)), (2, 4, 10)).named_parameters())
-    assert not torch.equal(rank0["backbone.stages.0.0.attn.qkv.weight"], initial["backbone.stages.0.0.attn.qkv.weight"])
+    initial = dict(
+        L.LocalSwin(
+            L.build_model(
+                "swin-t",
+                10,
+                img_size=64,
+                patch_size=2,
+                window_size=4,
+                embed_dim=16,
+                heads=(1, 2, 4, 8),
+            ),
+            (2, 4, 10),
+        ).named_parameters()
+    )
+    assert not torch.equal(
+        rank0["backbone.stages.0.0.attn.qkv.weight"], initial["backbone.stages.0.0.attn.qkv.weight"]
+    )
 
 
 def test_cli_under_torchrun(tmp_path):
     """The command line on synthetic with 2 gloo processes (and --checkpoint): at the end, every
-    process holds rank 0's parameters exactly (checked by broadcasting them), and rank 0 alone speaks."""
-    done = torchrun([os.path.join(HERE, "local_swin.py"), *TINY_CLI, "--batch-size", "32", "--epochs", "1",
-                     "--max-steps", "4", "--checkpoint", "--out", str(tmp_path)])
+    process holds rank 0's parameters exactly (checked by broadcasting them); rank 0 alone speaks.
+    """
+    done = torchrun(
+        [
+            os.path.join(HERE, "local_swin.py"),
+            *TINY_CLI,
+            "--batch-size",
+            "32",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "4",
+            "--checkpoint",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["ranks_identical"] is True
     assert results["world_size"] == 2 and results["steps"] == 4 and results["global_batch"] == 64
     assert results["lr"] == pytest.approx(2e-3)
-    assert done.stdout.count("global batch 64") == 1 and done.stdout.count("done:") == 1  # rank 0 alone prints
-    again = torchrun([os.path.join(HERE, "local_swin.py"), *TINY_CLI, "--batch-size", "32", "--epochs", "1",
-                      "--max-steps", "2", "--overwrite", "--out", str(tmp_path)])  # rank 0 alone removes the old run
-    assert again.returncode == 0 and json.loads((tmp_path / "results.json").read_text())["steps"] == 2, again.stderr[-3000:]
+    assert (
+        done.stdout.count("global batch 64") == 1 and done.stdout.count("done:") == 1
+    )  # rank 0 alone prints
+    again = torchrun(
+        [
+            os.path.join(HERE, "local_swin.py"),
+            *TINY_CLI,
+            "--batch-size",
+            "32",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "2",
+            "--overwrite",
+            "--out",
+            str(tmp_path),
+        ]
+    )  # rank 0 alone removes the old run
+    assert (
+        again.returncode == 0 and json.loads((tmp_path / "results.json").read_text())["steps"] == 2
+    ), again.stderr[-3000:]
 
 
 def test_resume_refuses_other_module_ends(tmp_path, capsys):
-    assert run_cli(["--split", "2,4", "--epochs", "2", "--max-steps", "16"], tmp_path, capsys)[0] == 0
+    assert (
+        run_cli(["--split", "2,4", "--epochs", "2", "--max-steps", "16"], tmp_path, capsys)[0] == 0
+    )
     code, cap = run_cli(["--split", "1,4", "--epochs", "2", "--resume"], tmp_path, capsys)
     assert code != 0 and "resume with --split 2,4" in cap.err and cap.err.count("\n") == 1
 
@@ -741,7 +1135,10 @@ BAD_INPUTS = [
     (["--val-split", "1.0"], "--val-split"),
     (["--crop-scale", "0"], "--crop-scale"),
     (["--arch", "swin-x"], "unknown --arch"),
-    (["--dataset", "cifar10", "--data-dir", "{tmp}/nowhere", "--no-download"], "not found in {tmp}/nowhere"),
+    (
+        ["--dataset", "cifar10", "--data-dir", "{tmp}/nowhere", "--no-download"],
+        "not found in {tmp}/nowhere",
+    ),
     (["--k", "0"], "between 1 and"),
     (["--k", "7"], "between 1 and"),
     (["--split", "4,2"], "increase strictly"),
@@ -759,7 +1156,10 @@ BAD_INPUTS = [
     (["--decoder", "magic", "--k", "1"], "unknown --decoder"),
     (["--temperature", "0"], "--temperature"),
     (["--amp", "fp16", "--device", "cpu"], "needs CUDA"),
-    (["--pretrained", "--embed-dim", "16"], "--pretrained: torchvision's weights are for swin-t as published"),
+    (
+        ["--pretrained", "--embed-dim", "16"],
+        "--pretrained: torchvision's weights are for swin-t as published",
+    ),
     # Every flag with a range: the list is the documentation of what is refused.
     (["--lr", "0"], "--lr 0.0: must be positive"),
     (["--lr", "nan"], "--lr nan: must be positive and finite"),
@@ -798,59 +1198,121 @@ def test_bad_input_gets_one_clear_line(args, message, tmp_path, capsys):
     code = L.main(TINY_CLI + ["--out", str(out), "--epochs", "1"] + args)
     err = capsys.readouterr().err
     assert code != 0
-    assert err.startswith("error: ") and err.count("\n") == 1 and message.replace("{tmp}", str(tmp_path)) in err, err
+    assert (
+        err.startswith("error: ")
+        and err.count("\n") == 1
+        and message.replace("{tmp}", str(tmp_path)) in err
+    ), err
     assert not (out / "results.json").exists() and not (out / "log.jsonl").exists()
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_bad_image_folders_get_one_line(workers, tmp_path, capsys):
     from PIL import Image
+
     for split in ("train", "val"):
         for c in ("a", "b"):
             (tmp_path / split / c).mkdir(parents=True)
             Image.new("RGB", (8, 8)).save(tmp_path / split / c / "0.png")
     (tmp_path / "val" / "b" / "1.png").write_bytes(b"not a png")
-    args = ["--dataset", "imagefolder", "--data-dir", str(tmp_path), "--workers", str(workers), "--epochs", "1"]
+    args = [
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        str(tmp_path),
+        "--workers",
+        str(workers),
+        "--epochs",
+        "1",
+    ]
     code, cap = run_cli(args, tmp_path / "out", capsys)
     assert code == 2 and cap.err.count("\n") == 1 and "cannot read the image" in cap.err, cap.err
     assert str(tmp_path / "val" / "b" / "1.png") in cap.err
     (tmp_path / "val" / "b" / "1.png").unlink()
     (tmp_path / "train" / "c").mkdir()  # a class folder with no image in it
     code, cap = run_cli(args, tmp_path / "out", capsys)
-    assert code == 2 and cap.err.count("\n") == 1 and "Found no valid file for the classes c" in cap.err, cap.err
+    assert (
+        code == 2
+        and cap.err.count("\n") == 1
+        and "Found no valid file for the classes c" in cap.err
+    ), cap.err
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_ends_cleanly_and_resumes(sig, tmp_path):
-    """Ctrl-C or a scheduler's SIGTERM mid-run: one line, non-zero exit, last.pt intact and resumable."""
-    args = [sys.executable, os.path.join(HERE, "local_swin.py"), *TINY_CLI, "--k", "2", "--epochs", "30", "--out", str(tmp_path)]
+    """Ctrl-C or a scheduler's SIGTERM mid-run: one line, exit 130, last.pt intact, resumable."""
+    args = [
+        sys.executable,
+        os.path.join(HERE, "local_swin.py"),
+        *TINY_CLI,
+        "--k",
+        "2",
+        "--epochs",
+        "30",
+        "--out",
+        str(tmp_path),
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # wait until the first epoch has been checkpointed
         if line.startswith("epoch 2/30 step"):
             break
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err and err.count("\n") == 1 and "interrupted" in err, err
+    assert (
+        proc.returncode == 130
+        and "Traceback" not in err
+        and err.count("\n") == 1
+        and "interrupted" in err
+    ), err
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] >= 1
-    resumed = subprocess.run(args[:-4] + ["--k", "2", "--epochs", "2", "--out", str(tmp_path), "--resume"],
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        args[:-4] + ["--k", "2", "--epochs", "2", "--out", str(tmp_path), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "--epochs 30 (now 2)" in resumed.stderr  # the checkpoint knows its settings ...
-    resumed = subprocess.run(args + ["--resume", "--max-steps", "20"], capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr  # ... and continues
+    resumed = subprocess.run(
+        args + ["--resume", "--max-steps", "20"], capture_output=True, text=True, timeout=300
+    )
+    assert (
+        resumed.returncode == 0 and "resumed from" in resumed.stdout
+    ), resumed.stderr  # ... and continues
 
 
 def test_script_runs_and_fails_cleanly_as_a_process(tmp_path):
     script = os.path.join(HERE, "local_swin.py")
-    ok = subprocess.run([sys.executable, script, *TINY_CLI, "--out", str(tmp_path), "--epochs", "1", "--max-steps", "3"],
-                        capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            script,
+            *TINY_CLI,
+            "--out",
+            str(tmp_path),
+            "--epochs",
+            "1",
+            "--max-steps",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads((tmp_path / "results.json").read_text())["steps"] == 3
-    bad = subprocess.run([sys.executable, script, "--arch", "swin-x"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "Traceback" not in bad.stderr and bad.stderr.startswith("error: unknown --arch")
+    bad = subprocess.run(
+        [sys.executable, script, "--arch", "swin-x"], capture_output=True, text=True, timeout=300
+    )
+    assert (
+        bad.returncode != 0
+        and "Traceback" not in bad.stderr
+        and bad.stderr.startswith("error: unknown --arch")
+    )
 
 
-# ---------------------------------------------------------------- faults: nothing lost, nothing stuck
+# ---------------------------------------------------- faults: nothing lost, nothing stuck
+
 
 def run_bytes(out):
     return {f: (out / f).read_bytes() for f in L.RUN_FILES if (out / f).exists()}
@@ -862,9 +1324,26 @@ def test_a_failed_check_never_touches_the_output_folder(tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli(["--k", "2", "--epochs", "1"], out, capsys)[0] == 0
     before = run_bytes(out)
-    odd = ["--img-size", "36", "--patch-size", "3", "--window-size", "3", "--k", "3",
-           "--method", "infopro", "--decoder", "deconv"]  # upscale 6: not a power of 2
-    for args in (["--method", "magic"], ["--decoder", "magic"], odd, ["--k", "3", "--devices", "cpu,cpu"]):
+    odd = [
+        "--img-size",
+        "36",
+        "--patch-size",
+        "3",
+        "--window-size",
+        "3",
+        "--k",
+        "3",
+        "--method",
+        "infopro",
+        "--decoder",
+        "deconv",
+    ]  # upscale 6: not a power of 2
+    for args in (
+        ["--method", "magic"],
+        ["--decoder", "magic"],
+        odd,
+        ["--k", "3", "--devices", "cpu,cpu"],
+    ):
         for where in (out, tmp_path / "new"):
             code, cap = run_cli(args + ["--epochs", "1", "--overwrite"], where, capsys)
             assert code == 2 and cap.err.count("\n") == 1, cap.err
@@ -882,7 +1361,14 @@ def test_every_epoch_done_but_no_results_resume_writes_them(tmp_path, capsys):
     code, cap = run_cli(["--k", "2", "--epochs", "2", "--resume"], out, capsys)
     assert code == 0 and "writing the missing results.json" in cap.out, cap.err
     again = json.loads((out / "results.json").read_text())
-    for key in ("test_acc", "epochs", "steps", "peak_memory_mib", "images_per_second", "wall_time_s"):
+    for key in (
+        "test_acc",
+        "epochs",
+        "steps",
+        "peak_memory_mib",
+        "images_per_second",
+        "wall_time_s",
+    ):
         assert again[key] == results[key], key
     code, cap = run_cli(["--k", "2", "--epochs", "2", "--resume"], out, capsys)
     assert code == 0 and "nothing to do" in cap.out
@@ -890,12 +1376,25 @@ def test_every_epoch_done_but_no_results_resume_writes_them(tmp_path, capsys):
 
 def test_resume_refuses_another_world_data_or_max_steps(tmp_path, capsys):
     make_png_folder(tmp_path / "data")
-    args = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--batch-size", "16",
-            "--k", "2", "--epochs", "3", "--max-steps", "7"]  # 7 steps: one epoch of 120 images
+    args = [
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--batch-size",
+        "16",
+        "--k",
+        "2",
+        "--epochs",
+        "3",
+        "--max-steps",
+        "7",
+    ]  # 7 steps: one epoch of 120 images
     assert run_cli(args, tmp_path / "out", capsys)[0] == 0
     code, cap = run_cli(args[:-2] + ["--resume", "--max-steps", "7"], tmp_path / "out", capsys)
     assert code == 2 and "has done 7 steps already" in cap.err, cap.err
     from PIL import Image
+
     Image.new("RGB", (20, 24), "red").save(tmp_path / "data" / "train" / "red" / "extra.png")
     code, cap = run_cli(args[:-2] + ["--resume"], tmp_path / "out", capsys)
     assert code == 2 and "on 120 images, this run has 1 on 121" in cap.err, cap.err
@@ -915,7 +1414,9 @@ def test_a_folder_in_use_is_refused(tmp_path, capsys):
     out.mkdir()
     held = L.lock_folder(str(out))  # as a run in progress holds it
     code, cap = run_cli(["--k", "2", "--epochs", "1"], out, capsys)
-    assert code == 2 and "in use by a run in progress (pid" in cap.err and not run_bytes(out), cap.err
+    assert (
+        code == 2 and "in use by a run in progress (pid" in cap.err and not run_bytes(out)
+    ), cap.err
     held.close()  # the run ended (a crash releases it too)
     assert run_cli(["--k", "2", "--epochs", "1"], out, capsys)[0] == 0
 
@@ -946,12 +1447,20 @@ def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, capsys, monkeypatch
         if obj.get("epoch", 0) >= 2:
             with open(path, "wb") as f:
                 f.write(b"half a checkpoint")
-            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0\nfile write failed")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0\n"
+                "file write failed"
+            )
         return real(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(L.torch, "save", full_after_first)
     code, cap = run_cli(["--k", "2", "--epochs", "3"], out, capsys)
-    assert code == 1 and cap.err.count("\n") == 1 and "could not write" in cap.err and str(out) in cap.err, cap.err
+    assert (
+        code == 1
+        and cap.err.count("\n") == 1
+        and "could not write" in cap.err
+        and str(out) in cap.err
+    ), cap.err
     assert sorted(os.listdir(out)) == [".lock", "last.pt", "log.jsonl"]  # no .tmp left
     assert len((out / "log.jsonl").read_text().splitlines()) == 1  # never ahead of last.pt
     monkeypatch.setattr(L.torch, "save", real)
@@ -959,44 +1468,83 @@ def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, capsys, monkeypatch
     whole = tmp_path / "whole"
     assert run_cli(["--k", "2", "--epochs", "3"], whole, capsys)[0] == 0
     assert (out / "log.jsonl").read_text().count("train_loss") == 3
-    a, b = [[json.loads(line)["test_acc"] for line in (d / "log.jsonl").read_text().splitlines()] for d in (out, whole)]
+    a, b = [
+        [json.loads(line)["test_acc"] for line in (d / "log.jsonl").read_text().splitlines()]
+        for d in (out, whole)
+    ]
     assert a == b
 
 
 def test_imagefolder_loops_16_bit_and_skipped_files(tmp_path, capsys):
     from PIL import Image
+
     make_png_folder(tmp_path / "data")
     red = tmp_path / "data" / "train" / "red"
     os.symlink(red, red / "loop")  # a folder that contains itself
     (red / "notes.txt").write_text("not an image")
     (red / "anim.gif").write_bytes(b"GIF89a")
-    Image.fromarray(torch.full((20, 24), 40000, dtype=torch.int32).numpy().astype("uint16")).save(red / "deep.png")
+    Image.fromarray(torch.full((20, 24), 40000, dtype=torch.int32).numpy().astype("uint16")).save(
+        red / "deep.png"
+    )
     paths, labels, classes = L.list_images(str(tmp_path / "data" / "train"))
     assert len(paths) == 3 * 40 + 1 and classes == ["blue", "green", "red"]
     assert "skipped 1 files" not in capsys.readouterr().out
     image = L.read_image(str(red / "deep.png"))
     assert image.getextrema() == ((155, 155),) * 3  # 40000 / 257, not clipped to white
     train, _ = L.make_datasets("imagefolder", str(tmp_path / "data"), 32)
-    assert len(train) == 121 and "skipped 2 files that are not images of a known extension (1 .gif, 1 .txt)" in capsys.readouterr().out
+    assert (
+        len(train) == 121
+        and "skipped 2 files that are not images of a known extension (1 .gif, 1 .txt)"
+        in capsys.readouterr().out
+    )
 
 
 def test_a_huge_image_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
     from PIL import Image
+
     make_png_folder(tmp_path / "data")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # each image has 480 pixels: over twice that
-    code, cap = run_cli(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--workers", "0"],
-                        tmp_path / "out", capsys)
-    assert code == 2 and cap.err.count("\n") == 1 and "cannot read the image" in cap.err and "decompression bomb" in cap.err
+    monkeypatch.setattr(
+        Image, "MAX_IMAGE_PIXELS", 100
+    )  # each image has 480 pixels: over twice that
+    code, cap = run_cli(
+        ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--workers", "0"],
+        tmp_path / "out",
+        capsys,
+    )
+    assert (
+        code == 2
+        and cap.err.count("\n") == 1
+        and "cannot read the image" in cap.err
+        and "decompression bomb" in cap.err
+    )
 
 
 def test_a_trial_evaluates_a_random_subset(tmp_path, capsys, monkeypatch):
-    """An imagefolder is sorted by class; a --max-steps trial must not judge the first images alone."""
+    """An imagefolder is sorted by class: a --max-steps trial must not judge its first images."""
     make_png_folder(tmp_path / "data")
     seen = []
     real = L.evaluate
-    monkeypatch.setattr(L, "evaluate", lambda net, data, *a, **k: seen.append(data.labels) or real(net, data, *a, **k))
-    code, cap = run_cli(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--batch-size", "12",
-                         "--max-steps", "1", "--k", "2"], tmp_path / "out", capsys)
+    monkeypatch.setattr(
+        L,
+        "evaluate",
+        lambda net, data, *a, **k: seen.append(data.labels) or real(net, data, *a, **k),
+    )
+    code, cap = run_cli(
+        [
+            "--dataset",
+            "imagefolder",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--batch-size",
+            "12",
+            "--max-steps",
+            "1",
+            "--k",
+            "2",
+        ],
+        tmp_path / "out",
+        capsys,
+    )
     assert code == 0 and len(seen) == 1 and len(seen[0]) == 12 and len(set(seen[0].tolist())) == 3
 
 
@@ -1004,9 +1552,12 @@ def test_flops_are_counted_without_the_memory_of_a_step():
     """The FLOP count runs on a meta copy: the same count as on the real network, --checkpoint
     included, and it allocates no more than a copy of the parameters (never the activations)."""
     from torch.utils.flop_counter import FlopCounterMode
+
     for checkpoint in (False, True):
         net = small_net(4, checkpoint=checkpoint)
-        optimizers, _ = L.make_optimizers(net.local_modules, lr=1e-3, weight_decay=0.05, total_steps=10, warmup_steps=2)
+        optimizers, _ = L.make_optimizers(
+            net.local_modules, lr=1e-3, weight_decay=0.05, total_steps=10, warmup_steps=2
+        )
         images, labels = batch()
         with FlopCounterMode(display=False) as counter:
             L.train_step(net.local_modules, optimizers, images, labels)
@@ -1018,7 +1569,17 @@ def test_flops_are_counted_without_the_memory_of_a_step():
 
 
 def test_repeated_signals_end_with_one_line(tmp_path):
-    args = [sys.executable, os.path.join(HERE, "local_swin.py"), *TINY_CLI, "--k", "2", "--epochs", "30", "--out", str(tmp_path)]
+    args = [
+        sys.executable,
+        os.path.join(HERE, "local_swin.py"),
+        *TINY_CLI,
+        "--k",
+        "2",
+        "--epochs",
+        "30",
+        "--out",
+        str(tmp_path),
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("epoch 1/30 step"):
@@ -1030,21 +1591,40 @@ def test_repeated_signals_end_with_one_line(tmp_path):
 
 
 def test_run_sh_gpu_without_cuda_is_one_line():
-    done = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "gpu"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and done.stdout.count("\n") + done.stderr.count("\n") == 1, (done.stdout, done.stderr)
+    done = subprocess.run(
+        ["bash", os.path.join(HERE, "run.sh"), "gpu"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and done.stdout.count("\n") + done.stderr.count("\n") == 1, (
+        done.stdout,
+        done.stderr,
+    )
     assert "no CUDA" in done.stdout + done.stderr
 
 
-# ---------------------------------------------------------------- where reconstruction matters: K = 8, pictures
+# ---------------------------------------------------- where reconstruction matters: K = 8, pictures
+
 
 def test_k8_puts_one_block_in_each_module_with_the_default_schedule():
     ends = L.resolve_split("paper", 8, (2, 2, 2, 2))
     assert ends == (1, 2, 3, 4, 5, 6, 7)
     lambdas, mus = L.lambda_mu_schedule(7)
-    assert lambdas == pytest.approx([3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.0]) and mus == pytest.approx([1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0])
+    assert lambdas == pytest.approx([3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.0]) and mus == pytest.approx(
+        [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
+    )
     torch.manual_seed(0)
-    net = L.LocalSwin(L.build_model("swin-t", 10, 32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2, 2, 2),
-                                    heads=(1, 2, 4, 8)), ends)
+    net = L.LocalSwin(
+        L.build_model(
+            "swin-t",
+            10,
+            32,
+            patch_size=4,
+            window_size=4,
+            embed_dim=16,
+            depths=(2, 2, 2, 2),
+            heads=(1, 2, 4, 8),
+        ),
+        ends,
+    )
     assert [sum(isinstance(m, L.SwinBlock) for m in spec.layers) for spec in net.specs] == [1] * 8
     decoders = [aux.head.decoder is not None for aux in net.aux]
     assert decoders == [True] * 6 + [False]  # module 7 has lambda 0: no decoder
@@ -1053,14 +1633,25 @@ def test_k8_puts_one_block_in_each_module_with_the_default_schedule():
 @pytest.mark.parametrize("method,panels", [("ours", 2), ("infopro", 2)])
 def test_reconstruction_pictures_of_a_tiny_run(method, panels, tmp_path, capsys):
     from PIL import Image
+
     out = tmp_path / "run"
-    assert run_cli(["--k", "3", "--lambdas", "3,1", "--epochs", "1", "--method", method],
-                   out, capsys)[0] == 0
+    assert (
+        run_cli(["--k", "3", "--lambdas", "3,1", "--epochs", "1", "--method", method], out, capsys)[
+            0
+        ]
+        == 0
+    )
     before = sorted(os.listdir(HERE))
-    done = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "reconstructions", str(out)], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        ["bash", os.path.join(HERE, "run.sh"), "reconstructions", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(os.listdir(HERE)) == before and (out / "reconstructions.png").exists()
     width, height = Image.open(out / "reconstructions.png").size
-    rows = 1 + 2 * panels  # the images, then target and reconstruction of each module with a decoder (K=3: 2)
+    rows = (
+        1 + 2 * panels
+    )  # the images, then target and reconstruction of each module with a decoder (K=3: 2)
     assert (width, height) == (2 + 8 * (32 + 2), 2 + rows * (32 + 2))
