@@ -811,11 +811,12 @@ def tensor_bytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def state_bytes(net, optimizers):
-    """What training keeps between steps: parameters, buffers and the AdamW state."""
+def state_bytes(net, optimizers, device=None):
+    """What training keeps between steps: parameters, buffers and AdamW state (on `device`)."""
     state = [v for opt in optimizers for s in opt.state.values() for v in s.values()
              if isinstance(v, torch.Tensor)]
-    return tensor_bytes([*net.parameters(), *net.buffers(), *state])
+    kept = [*net.parameters(), *net.buffers(), *state]
+    return tensor_bytes([t for t in kept if device is None or t.device == device])
 
 
 def count_flops(net, images, labels, **step_kwargs):
@@ -860,8 +861,12 @@ def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3,
     with memory.region():
         step()
     peak, mib = memory.peak_bytes(), 2**20
+    above = peak and peak - state
+    if memory.cuda and len(memory.devices) > 1:  # a module per device: the largest device's part
+        above = max(torch.cuda.max_memory_allocated(d) - state_bytes(net, optimizers, d)
+                    for d in memory.devices)
     return {"peak_memory_mib": peak and peak / mib, "state_memory_mib": state / mib,
-            "activation_memory_mib": peak and (peak - state) / mib,
+            "activation_memory_mib": above and above / mib,
             "step_gflop": count_flops(net, images, labels, **step_kwargs) / 1e9,
             "step_time_s": step_time, "images_per_second": batch_size / step_time}
 
@@ -1126,7 +1131,9 @@ def random_resized_crop(images, size, min_scale, generator):
     Mixup and CutMix): per image, a crop of a random fraction in [min_scale, 1] of the area
     with aspect ratio in [3/4, 4/3], resized to size x size, flipped left-right half the time.
     One affine grid_sample does it all on the batch's device. (B, C, H, W) -> (B, C, size, size)."""
-    u = torch.rand(len(images), 5, generator=generator).to(images.device)
+    # Drawn on the CPU, so that epoch e's draws are a function of (seed, e) on every device;
+    # copied without blocking (no stream sync per step on a GPU).
+    u = torch.rand(len(images), 5, generator=generator).to(images.device, non_blocking=True)
     area = min_scale + (1 - min_scale) * u[:, 0]
     ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[:, 1])  # log-uniform, as torchvision
     w = (area * ratio).sqrt().clamp(max=1)  # the crop's sides, as shares of the image's

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import torchvision
 
 import local_swin as L
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A Swin-T-shaped network (2, 2, 6, 2 blocks) small enough for a CPU test: 64 px, 32 x 32 tokens.
@@ -1655,3 +1657,40 @@ def test_reconstruction_pictures_of_a_tiny_run(method, panels, tmp_path, capsys)
         1 + 2 * panels
     )  # the images, then target and reconstruction of each module with a decoder (K=3: 2)
     assert (width, height) == (2 + 8 * (32 + 2), 2 + rows * (32 + 2))
+
+
+# ---------------------------------------------------- ready for a GPU: nothing lands on the CPU
+
+
+class OutputDevices(TorchDispatchMode):
+    """Records the device of every tensor an operator returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.devices = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.devices.add(t.device.type)
+        return out
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("method", L.METHODS)
+def test_on_another_device_no_tensor_is_made_on_the_cpu(method, checkpoint):
+    """With every module on the meta device (what a GPU run would hit, without a GPU), a training
+    step and the evaluation forward pass create no tensor on the CPU: no hidden host copy."""
+    net = small_net(4, method=method, checkpoint=checkpoint, lambdas=[1.0, 1.0, 1.0])
+    L.place(net, [torch.device("meta")] * 4)
+    recorders = [GradRecorder(m.parameters()) for m in net.local_modules]
+    images, labels = (t.to("meta") for t in batch())
+    mode = OutputDevices()
+    with mode:
+        losses = L.train_step(net.local_modules, recorders, images, labels, clip_grad=5.0)
+        net.eval()
+        with torch.no_grad():
+            logits = net(images)
+    assert mode.devices == {"meta"}, mode.devices
+    assert len(losses) == 4 and logits.shape == (16, 10) and logits.device.type == "meta"
