@@ -222,13 +222,13 @@ reconstructions)
   "$py" - "${extra[@]}" <<'EOF'
 import json, sys, torch, torch.nn.functional as F, torchvision, local_swin as L
 for run in sys.argv[1:]:
-    r = json.load(open(f"{run}/results.json"))
-    c = r["config"]
+    ckpt = torch.load(f"{run}/last.pt", weights_only=True)  # the last finished epoch, of a finished run or not
+    c = ckpt["config"]
     backbone = L.build_model(c["arch"], L.count_classes(c["dataset"], c["data_dir"]), c["img_size"],
                              patch_size=c["patch_size"], window_size=c["window_size"], embed_dim=c["embed_dim"],
                              depths=c["depths"], heads=c["heads"])
-    net = L.LocalSwin(backbone, r["split"], method=c["method"], decoder=c["decoder"], lambdas=r["lambdas"], mus=r["mus"])
-    net.load_state_dict(torch.load(f"{run}/last.pt", weights_only=True)["net"])
+    net = L.LocalSwin(backbone, ckpt["ends"], method=c["method"], decoder=c["decoder"], lambdas=c["lambdas"], mus=c["mus"])
+    net.load_state_dict(ckpt["net"])
     net.eval()
     train, test = L.make_datasets(c["dataset"], c["data_dir"], c["img_size"], download=False)
     val = L.validation_split(train, c["val_split"])[1] or test
@@ -254,7 +254,8 @@ for run in sys.argv[1:]:
             shown += [F.interpolate(t, size=images.shape[-2:], mode="nearest") for t in (target, recon)]
     grid = torchvision.utils.make_grid(torch.cat(shown), nrow=8, padding=2, pad_value=1.0)
     torchvision.utils.save_image(grid, f"{run}/reconstructions.png")
-    print(f"{run}/reconstructions.png: the images, then the target and reconstruction of {len(shown) // 2} modules")
+    print(f"{run}/reconstructions.png (epoch {ckpt['epoch']}): the images, then the target and reconstruction of "
+          f"{len(shown) // 2} modules")
 EOF
   ;;
 memory)

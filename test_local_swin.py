@@ -1051,21 +1051,8 @@ def test_cli_under_torchrun(tmp_path):
     """The command line on synthetic with 2 gloo processes (and --checkpoint): at the end, every
     process holds rank 0's parameters exactly (checked by broadcasting them); rank 0 alone speaks.
     """
-    done = torchrun(
-        [
-            os.path.join(HERE, "local_swin.py"),
-            *TINY_CLI,
-            "--batch-size",
-            "32",
-            "--epochs",
-            "1",
-            "--max-steps",
-            "4",
-            "--checkpoint",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    cli = [os.path.join(HERE, "local_swin.py"), *TINY_CLI, "--batch-size", "32", "--epochs", "1"]
+    done = torchrun(cli + ["--max-steps", "4", "--checkpoint", "--out", str(tmp_path)])
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["ranks_identical"] is True
@@ -1074,21 +1061,8 @@ def test_cli_under_torchrun(tmp_path):
     assert (
         done.stdout.count("global batch 64") == 1 and done.stdout.count("done:") == 1
     )  # rank 0 alone prints
-    again = torchrun(
-        [
-            os.path.join(HERE, "local_swin.py"),
-            *TINY_CLI,
-            "--batch-size",
-            "32",
-            "--epochs",
-            "1",
-            "--max-steps",
-            "2",
-            "--overwrite",
-            "--out",
-            str(tmp_path),
-        ]
-    )  # rank 0 alone removes the old run
+    # rank 0 alone removes the old run
+    again = torchrun(cli + ["--max-steps", "2", "--overwrite", "--out", str(tmp_path)])
     assert (
         again.returncode == 0 and json.loads((tmp_path / "results.json").read_text())["steps"] == 2
     ), again.stderr[-3000:]
@@ -1241,24 +1215,21 @@ def test_bad_image_folders_get_one_line(workers, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def long_run(out, wait_for):
+    """A 30-epoch run of the command line in its own process, once it has printed wait_for."""
+    script = os.path.join(HERE, "local_swin.py")
+    args = [sys.executable, script, *TINY_CLI, "--k", "2", "--epochs", "30", "--out", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith(wait_for):
+            break
+    return args, proc
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_ends_cleanly_and_resumes(sig, tmp_path):
     """Ctrl-C or a scheduler's SIGTERM mid-run: one line, exit 130, last.pt intact, resumable."""
-    args = [
-        sys.executable,
-        os.path.join(HERE, "local_swin.py"),
-        *TINY_CLI,
-        "--k",
-        "2",
-        "--epochs",
-        "30",
-        "--out",
-        str(tmp_path),
-    ]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:  # wait until the first epoch has been checkpointed
-        if line.startswith("epoch 2/30 step"):
-            break
+    args, proc = long_run(tmp_path, "epoch 2/30 step")  # the first epoch is checkpointed
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert (
@@ -1378,20 +1349,9 @@ def test_every_epoch_done_but_no_results_resume_writes_them(tmp_path, capsys):
 
 def test_resume_refuses_another_world_data_or_max_steps(tmp_path, capsys):
     make_png_folder(tmp_path / "data")
-    args = [
-        "--dataset",
-        "imagefolder",
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--batch-size",
-        "16",
-        "--k",
-        "2",
-        "--epochs",
-        "3",
-        "--max-steps",
-        "7",
-    ]  # 7 steps: one epoch of 120 images
+    data = str(tmp_path / "data")
+    args = ["--dataset", "imagefolder", "--data-dir", data, "--batch-size", "16", "--k", "2"]
+    args += ["--epochs", "3", "--max-steps", "7"]  # 7 steps: one epoch of 120 images
     assert run_cli(args, tmp_path / "out", capsys)[0] == 0
     code, cap = run_cli(args[:-2] + ["--resume", "--max-steps", "7"], tmp_path / "out", capsys)
     assert code == 2 and "has done 7 steps already" in cap.err, cap.err
@@ -1571,21 +1531,7 @@ def test_flops_are_counted_without_the_memory_of_a_step():
 
 
 def test_repeated_signals_end_with_one_line(tmp_path):
-    args = [
-        sys.executable,
-        os.path.join(HERE, "local_swin.py"),
-        *TINY_CLI,
-        "--k",
-        "2",
-        "--epochs",
-        "30",
-        "--out",
-        str(tmp_path),
-    ]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("epoch 1/30 step"):
-            break
+    args, proc = long_run(tmp_path, "epoch 1/30 step")
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM, signal.SIGTERM, signal.SIGINT):
         proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
