@@ -253,6 +253,7 @@ for run in sys.argv[1:]:
                 target, recon = [((t - low) / (high - low + 1e-8)).clamp(0, 1) for t in (target, recon)]
             shown += [F.interpolate(t, size=images.shape[-2:], mode="nearest") for t in (target, recon)]
     grid = torchvision.utils.make_grid(torch.cat(shown), nrow=8, padding=2, pad_value=1.0)
+    grid = F.interpolate(grid[None], scale_factor=max(1, 96 // c["img_size"]), mode="nearest")[0]  # small images, larger
     torchvision.utils.save_image(grid, f"{run}/reconstructions.png")
     print(f"{run}/reconstructions.png (epoch {ckpt['epoch']}): the images, then the target and reconstruction of "
           f"{len(shown) // 2} modules")

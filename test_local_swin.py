@@ -1599,10 +1599,9 @@ def test_reconstruction_pictures_of_a_tiny_run(method, panels, tmp_path, capsys)
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(os.listdir(HERE)) == before and (out / "reconstructions.png").exists()
     width, height = Image.open(out / "reconstructions.png").size
-    rows = (
-        1 + 2 * panels
-    )  # the images, then target and reconstruction of each module with a decoder (K=3: 2)
-    assert (width, height) == (2 + 8 * (32 + 2), 2 + rows * (32 + 2))
+    rows = 1 + 2 * panels  # the images, then target and reconstruction per module with a decoder
+    scale = 96 // 32  # 32-px images are drawn three times as large
+    assert (width, height) == (scale * (2 + 8 * (32 + 2)), scale * (2 + rows * (32 + 2)))
 
 
 # ---------------------------------------------------- ready for a GPU: nothing lands on the CPU
