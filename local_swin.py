@@ -1846,7 +1846,8 @@ def build(args, device, devices, rank, world):
 
 def check_pretrained(args):
     shape = dict(embed_dim=ARCHS[args.arch].embed_dim, depths=ARCHS[args.arch].depths,
-                 heads=ARCHS[args.arch].heads, patch_size=4, window_size=7, img_size=224)
+                 heads=ARCHS[args.arch].heads, patch_size=PAPER.patch_size,
+                 window_size=PAPER.window_size, img_size=PAPER.img_size)
     if any(getattr(args, key) not in (None, value) for key, value in shape.items()):
         raise ConfigError(f"--pretrained: torchvision's weights are for {args.arch} as published, "
                           "at 224 px; drop --img-size, --patch-size, --window-size, --embed-dim, "
@@ -1872,8 +1873,9 @@ def describe(net, lr, device, args, world):
           f"K={len(net.specs)} {kind} | lr {lr:.2e} | device {device}")
     bounds = (0, *net.ends, sum(len(stage) for stage in net.backbone.stages))
     for i, (spec, loss) in enumerate(zip(net.specs, [*net.aux, None])):  # blocks bounds[i]+1 ..
-        weights = f"lambda {loss.lam:.2f}, mu {loss.mu:.2f} (eq. 2)" if hasattr(loss, "lam") else ""
-        what = "cross-entropy (eq. 3)" if loss is None else weights or "cross-entropy"
+        what = "cross-entropy (eq. 3)" if loss is None else "cross-entropy"
+        if isinstance(loss, ReconstructContrastLoss):
+            what = f"lambda {loss.lam:.2f}, mu {loss.mu:.2f} (eq. 2)"
         shapes = f"{spec.in_res}x{spec.in_res}x{spec.in_dim} -> {spec.out_res}x{spec.out_res}x"
         print(f"  module {i + 1}: blocks {bounds[i] + 1}-{bounds[i + 1]} | {shapes}{spec.out_dim} "
               f"| {what}")
