@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets
 from torchvision.ops import StochasticDepth
@@ -311,7 +311,7 @@ def resolve_split(split, k, depths):
         try:
             ends = tuple(int(b) for b in split.split(","))
         except ValueError:
-            raise ConfigError(f"--split {split!r} is not 'paper', 'balanced' or a "
+            raise ConfigError(f"--split {split!r} is not 'paper', 'balanced', 'time' or a "
                               "comma-separated list of block numbers")
         if any(b <= a for a, b in zip(ends, ends[1:])) or ends[0] < 1 or ends[-1] >= n:
             raise ConfigError(f"--split {split}: module ends must increase strictly within "
@@ -609,14 +609,10 @@ class LocalSwin(nn.Module):
         self.local_modules = [LocalModule(spec.layers, loss, stem)  # a list: not registered twice
                               for spec, loss, stem in zip(self.specs, losses, stems)]
 
-    @property
-    def devices(self):
-        return [device_of(module) for module in self.local_modules]
-
     def forward(self, images):
         x = images
         for module in self.local_modules:
-            x = module.features(x.to(device_of(module), non_blocking=True))
+            x = module.features(x)
         return x
 
 
@@ -627,31 +623,38 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
-def train_step(modules, optimizers, images, labels, *, clip_grad=PAPER.clip_grad,
-               amp_dtype=None, scaler=None):
-    """One training step (design note 1) over the K LocalModules, with one optimizer each.
-    Module i runs on the detached x_{i-1}, its local loss is backpropagated and its optimizer
-    steps before module i+1 starts, so only one module's graph is ever alive. (Summing the K
-    losses into one backward would give the same gradients but keep every graph alive: none of
-    the memory saving.) Returns the K losses."""
+def local_step(module, optimizer, x, images, labels, *, clip_grad=PAPER.clip_grad,
+               amp_dtype=None, scaler=None, seed=None):
+    """Module i's part of a training step: x_i = g_i(x_{i-1}) and L_i, L_i backpropagated
+    into module i alone, optimizer i's step. Returns (x_i detached, L_i). `seed` makes module
+    i's random draws (drop-path) its own, whichever process runs the other modules."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)
-    losses, x = [], images
-    for module, optimizer in zip(modules, optimizers):
-        device = device_of(module)
-        # To the module's device without a host sync: module i-1's backward may still run there.
-        x = x.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            labels_here = labels.to(device, non_blocking=True)
-            out, loss = module(x, images.to(device), labels_here)  # x_i = g_i(x_{i-1}), L_i
-        scaler.scale(loss).backward()  # frees module i's graph
-        scaler.unscale_(optimizer)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        nn.utils.clip_grad_norm_(params, clip_grad)
-        scaler.step(optimizer)
-        optimizer.zero_grad(set_to_none=True)  # gradients need not outlive the step
-        losses.append(loss.detach())
-        x = out.detach()  # no gradient crosses a module boundary
+    if seed is not None:
+        torch.manual_seed(seed)
+    with autocast(device_of(module), amp_dtype):
+        out, loss = module(x, images, labels)
+    scaler.scale(loss).backward()  # frees module i's graph
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    nn.utils.clip_grad_norm_(params, clip_grad)
+    scaler.step(optimizer)
     scaler.update()
+    optimizer.zero_grad(set_to_none=True)  # gradients need not outlive the step
+    return out.detach().float(), loss.detach()  # no gradient crosses a module boundary
+
+
+def train_step(modules, optimizers, images, labels, *, scalers=None, seed=None, **step_options):
+    """One training step (design note 1) over the K LocalModules, with one optimizer (and
+    loss scale) each. Module i runs on the detached x_{i-1}, its local loss is backpropagated
+    and its optimizer steps before module i+1 starts, so only one module's graph is ever
+    alive. (Summing the K losses into one backward would give the same gradients but keep
+    every graph alive: none of the memory saving.) Returns the K losses."""
+    losses, x = [], images
+    for i, (module, optimizer) in enumerate(zip(modules, optimizers)):
+        x, loss = local_step(module, optimizer, x, images, labels, **step_options,
+                             scaler=scalers[i] if scalers else None,
+                             seed=None if seed is None else seed + i)
+        losses.append(loss)
     return losses
 
 
@@ -782,15 +785,15 @@ class LiveTensorMeter(TorchDispatchMode):
 
 
 class PeakMemory:
-    """Peak training memory in bytes. CUDA: max_memory_allocated since this object was made,
-    the largest over the devices. CPU: `baseline` (the bytes live before) plus the meter's peak
-    over the regions entered with `region()`. Other devices: None."""
+    """Peak training memory in bytes on one device. CUDA: max_memory_allocated since this
+    object was made. CPU: `baseline` (the bytes live before) plus the meter's peak over the
+    regions entered with `region()`. Other devices: None."""
 
-    def __init__(self, devices, baseline=0):
-        self.devices, self.baseline = sorted(set(devices), key=str), baseline
-        self.cuda = self.devices[0].type == "cuda"
-        self.meter = LiveTensorMeter() if self.devices[0].type == "cpu" else None
-        for device in self.devices if self.cuda else []:
+    def __init__(self, device, baseline=0):
+        self.device, self.baseline = device, baseline
+        self.cuda = device.type == "cuda"
+        self.meter = LiveTensorMeter() if device.type == "cpu" else None
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats(device)
 
     def region(self):
@@ -798,12 +801,12 @@ class PeakMemory:
 
     def live_bytes(self):
         if self.cuda:
-            return sum(torch.cuda.memory_allocated(device) for device in self.devices)
+            return torch.cuda.memory_allocated(self.device)
         return self.baseline + self.meter.live if self.meter is not None else None
 
     def peak_bytes(self):
         if self.cuda:
-            return max(torch.cuda.max_memory_allocated(device) for device in self.devices)
+            return torch.cuda.max_memory_allocated(self.device)
         return self.baseline + self.meter.peak if self.meter is not None else None
 
 
@@ -811,12 +814,11 @@ def tensor_bytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def state_bytes(net, optimizers, device=None):
-    """What training keeps between steps: parameters, buffers and AdamW state (on `device`)."""
+def state_bytes(net, optimizers):
+    """What training keeps between steps: parameters, buffers and AdamW state."""
     state = [v for opt in optimizers for s in opt.state.values() for v in s.values()
              if isinstance(v, torch.Tensor)]
-    kept = [*net.parameters(), *net.buffers(), *state]
-    return tensor_bytes([t for t in kept if device is None or t.device == device])
+    return tensor_bytes([*net.parameters(), *net.buffers(), *state])
 
 
 def count_flops(net, images, labels, **step_kwargs):
@@ -824,7 +826,7 @@ def count_flops(net, images, labels, **step_kwargs):
     included), counted on a copy of the network on the meta device: shapes only, no memory."""
     meta = copy.deepcopy(net).to("meta")
     optimizers = [torch.optim.AdamW(module.parameters()) for module in meta.local_modules]
-    step_kwargs = {**step_kwargs, "amp_dtype": None, "scaler": None}  # the same count
+    step_kwargs = {**step_kwargs, "amp_dtype": None, "scalers": None}  # the same count
     with FlopCounterMode(display=False) as flops:
         train_step(meta.local_modules, optimizers, images.to("meta"), labels.to("meta"),
                    **step_kwargs)
@@ -842,14 +844,13 @@ def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3,
     labels = torch.randint(num_classes, (batch_size,), device=device)
     step = lambda: train_step(modules, optimizers, images, labels, **step_kwargs)  # noqa: E731
     net.train()
-    scaler = step_kwargs.get("scaler")
+    scalers = step_kwargs.get("scalers") or []
     for _ in range(10):  # warm up until every optimizer holds its state:
-        scale = scaler.get_scale() if scaler is not None else 1.0
-        step()
-        if scaler is None or scaler.get_scale() >= scale:  # fp16's scaler lowers it on a skip
+        scales = [scaler.get_scale() for scaler in scalers]
+        step()  # (fp16's scaler skips a step with an overflow, and lowers its scale)
+        if all(scaler.get_scale() >= scale for scaler, scale in zip(scalers, scales)):
             break
-    cuda = {d for d in net.devices if d.type == "cuda"}
-    sync = lambda: [torch.cuda.synchronize(d) for d in cuda]  # noqa: E731 (CUDA runs async)
+    sync = lambda: device.type == "cuda" and torch.cuda.synchronize(device)  # noqa: E731
     sync()
     start = time.perf_counter()
     for _ in range(steps):
@@ -857,21 +858,18 @@ def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3,
     sync()
     step_time = (time.perf_counter() - start) / steps
     state = state_bytes(net, optimizers)
-    memory = PeakMemory(net.devices, baseline=state + tensor_bytes([images, labels]))
+    memory = PeakMemory(device, baseline=state + tensor_bytes([images, labels]))
     with memory.region():
         step()
     peak, mib = memory.peak_bytes(), 2**20
     above = peak and peak - state
-    if memory.cuda and len(memory.devices) > 1:  # a module per device: the largest device's part
-        above = max(torch.cuda.max_memory_allocated(d) - state_bytes(net, optimizers, d)
-                    for d in memory.devices)
     return {"peak_memory_mib": peak and peak / mib, "state_memory_mib": state / mib,
             "activation_memory_mib": above and above / mib,
             "step_gflop": count_flops(net, images, labels, **step_kwargs) / 1e9,
             "step_time_s": step_time, "images_per_second": batch_size / step_time}
 
 
-# ---- The memory-balanced split (--split balanced; README, Scaling) --------------------------
+# ---- Balanced splits: by memory (--split balanced) and by time (--split time) --------------
 
 def min_max_split(n, k, cost):
     """The ends b_1 < ... < b_{K-1} of K modules over n blocks that make the largest
@@ -896,52 +894,79 @@ def bytes_kept(memory, layers, x):
         return memory.live_bytes() - before, out.detach()
 
 
-def balanced_split(backbone, k, lambdas, *, batch_size, device, checkpoint=False,
+def seconds(fn, device, repeats=3):
+    """The median time of fn() over `repeats` calls, after one that warms up."""
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":  # CUDA runs asynchronously
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[repeats // 2]
+
+
+def balanced_split(backbone, k, lambdas, *, batch_size, device, by="memory", checkpoint=False,
                    method="ours", decoder="interp", **loss_options):
-    """--split balanced: the cut points that make the largest module, with its auxiliary block,
-    as small as possible at this batch and image size. Each block runs once on its own detached
-    input and its kept bytes are measured; one local loss of each kind of auxiliary block
-    measures its peak. Returns the ends and each module's cost as a share of E2E's."""
+    """The cut points that make the largest module, with its auxiliary block, as small (by
+    "memory": the bytes kept for backward) or as fast (by "time": forward and backward, for
+    --module-parallel, whose pipeline runs at its slowest module's pace) as possible at this
+    batch and image size. Each block is measured on its own detached input, and so is one local
+    loss of each kind of auxiliary block. Returns the ends and each module's share of E2E's
+    memory, or of the whole step's time."""
     units = [layers for layers, _, _ in block_units(backbone)]
     units[-1] = units[-1] + [backbone.head]
     n, size = len(units), backbone.patch_embed.img_size
     images = torch.randn(batch_size, 3, size, size, device=device)
     labels = torch.randint(backbone.head.fc.out_features, (batch_size,), device=device)
     backbone.train()
-    memory = PeakMemory([device])
-    embedding, x0 = bytes_kept(memory, backbone.patch_embed, images)
+    memory = PeakMemory(device)
+
+    def measure(layers, x):  # (bytes kept or seconds, the output detached)
+        if by == "memory":
+            return bytes_kept(memory, layers, x)
+        return seconds(lambda: layers(x).float().sum().backward(), device), layers(x).detach()
+
+    embedding, x0 = measure(backbone.patch_embed, images)
     full, held, xs = [embedding], [embedding], [x0]  # xs[j] = x_j, the next block's input
     for layers in units:
-        plain, out = bytes_kept(memory, nn.Sequential(*layers), xs[-1].requires_grad_())
+        plain, out = measure(nn.Sequential(*layers), xs[-1].requires_grad_())
         full.append(plain)
-        held.append(bytes_kept(memory, Checkpointed(*layers), xs[-1])[0] if checkpoint else plain)
+        held.append(measure(Checkpointed(*layers), xs[-1])[0] if checkpoint else plain)
         xs.append(out)
-    aux_peaks = {}
+    aux_costs = {}
 
-    def aux_peak(a, b, reconstructs):  # the auxiliary loss on x_b of a module that reads x_a
+    def aux_cost(a, b, reconstructs):  # the auxiliary loss on x_b of a module that reads x_a
         key = (xs[a].shape, xs[b].shape, reconstructs)
-        if key not in aux_peaks:
+        if key not in aux_costs:
             spec = ModuleSpec(None, xs[a].shape[-1], xs[a].shape[1], xs[b].shape[-1],
                               xs[b].shape[1])
             lam = float(reconstructs and method != "greedy-contrast")
             loss = auxiliary_loss(method, spec, lam=lam, mu=1.0, img_size=size, decoder=decoder,
                                   num_classes=backbone.head.fc.out_features, **loss_options)
             loss = loss.to(device)
-            peak = PeakMemory([device])
-            before = peak.live_bytes()
-            with peak.region():
-                loss(xs[b].detach().requires_grad_(), xs[a].detach(), images, labels).backward()
-            aux_peaks[key] = peak.peak_bytes() - before
-        return aux_peaks[key]
+            step = lambda: loss(xs[b].detach().requires_grad_(), xs[a].detach(),  # noqa: E731
+                                images, labels).backward()
+            if by == "time":
+                aux_costs[key] = seconds(step, device)
+            else:
+                peak = PeakMemory(device)
+                before = peak.live_bytes()
+                with peak.region():
+                    step()
+                aux_costs[key] = peak.peak_bytes() - before
+        return aux_costs[key]
 
     def module_cost(i, a, b):  # module i + 1: its input, its blocks, and its auxiliary block
-        cost = sum(held[a + 1:b + 1]) + (max(full[a + 1:b + 1]) if checkpoint else 0)
-        cost += held[0] if a == 0 else tensor_bytes([xs[a]])
-        return cost + (aux_peak(a, b, lambdas[i] > 0) if b < n else 0)
+        cost = sum(held[a + 1:b + 1]) + (held[0] if a == 0 else 0)
+        if by == "memory":
+            cost += max(full[a + 1:b + 1]) if checkpoint else 0
+            cost += 0 if a == 0 else tensor_bytes([xs[a]])
+        return cost + (aux_cost(a, b, lambdas[i] > 0) if b < n else 0)
 
     ends = min_max_split(n, k, module_cost)
-    shares = [module_cost(i, a, b) / sum(full) for i, (a, b) in enumerate(zip((0,) + ends, ends))]
-    return ends[:-1], shares
+    costs = [module_cost(i, a, b) for i, (a, b) in enumerate(zip((0,) + ends, ends))]
+    return ends[:-1], [c / (sum(full) if by == "memory" else sum(costs)) for c in costs]
 
 # ---- Data (design note 6): whole data sets in memory, augmented a batch at a time ----------
 
@@ -1194,8 +1219,8 @@ class RunError(Exception):
 RUN_FILES = ("log.jsonl", "results.json", "last.pt")  # what a run writes into --out
 # Flags that do not change what is computed: a resumed run may change them. (--split is
 # checked through the module ends it resolves to: "balanced" and the list it chose are alike.)
-RUN_ONLY_FLAGS = {"resume", "max_steps", "workers", "device", "devices", "data_dir", "no_download",
-                  "log_every", "out", "split", "overwrite", "checkpoint"}
+RUN_ONLY_FLAGS = {"resume", "max_steps", "workers", "device", "data_dir", "no_download",
+                  "log_every", "out", "split", "overwrite", "checkpoint", "module_parallel"}
 
 
 def atomic_write(path, write):
@@ -1282,20 +1307,25 @@ class Run:
     modules: list  # what train_step runs: net.local_modules, or their DDP wrappers
     optimizers: list
     schedulers: list
-    scaler: torch.amp.GradScaler
+    scalers: list  # fp16's loss scale, one per module
     device: torch.device
     amp_dtype: object
     data: tuple  # (train, val or None, test) ImageSets
     rank: int = 0
-    world: int = 1
+    world: int = 1  # processes
+    stage: int = None  # --module-parallel: the module this process trains (0-based)
     epoch: int = 0  # epochs finished
     step: int = 0
     history: list = field(default_factory=list)  # log.jsonl's records
     train_images, train_time, wall_time, peak_bytes = 0, 0.0, 0.0, 0  # for results.json
 
     @property
+    def replicas(self):  # data parallel: processes that each train on a part of the batch
+        return self.world if self.stage is None else 1
+
+    @property
     def steps_per_epoch(self):
-        return len(self.data[0]) // (self.args.batch_size * self.world)
+        return len(self.data[0]) // (self.args.batch_size * self.replicas)
 
     def path(self, name):
         return os.path.join(self.args.out, name)
@@ -1304,16 +1334,14 @@ class Run:
 PROGRESS = ("epoch", "step", "history", "train_images", "train_time", "wall_time", "peak_bytes")
 
 
-def save_checkpoint(run):
+def save_checkpoint(run, states):
     """last.pt: everything a resume needs, replaced atomically at the end of each epoch."""
-    cuda = sorted({d for d in run.net.devices if d.type == "cuda"}, key=str)
     ckpt = {name: getattr(run, name) for name in PROGRESS}
-    ckpt |= {"config": vars(run.args), "ends": run.net.ends, "world_size": run.world,
+    ckpt |= {"config": vars(run.args), "ends": run.net.ends, "replicas": run.replicas,
              "train_size": len(run.data[0]), "net": run.net.state_dict(),
-             "optimizers": [o.state_dict() for o in run.optimizers],
+             "optimizers": [optimizer for optimizer, _ in states],
              "schedulers": [s.state_dict() for s in run.schedulers],
-             "scaler": run.scaler.state_dict(), "rng": torch.get_rng_state(),
-             "cuda_rng": {str(d): torch.cuda.get_rng_state(d) for d in cuda}}
+             "scalers": [scaler for _, scaler in states]}
     atomic_write(run.path("last.pt"), lambda tmp: torch.save(ckpt, tmp))
 
 
@@ -1324,7 +1352,7 @@ def load_checkpoint(run):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         saved, ends = ckpt["config"], tuple(ckpt["ends"])
-        world, size, step = ckpt["world_size"], ckpt["train_size"], ckpt["step"]
+        replicas, size, step = ckpt["replicas"], ckpt["train_size"], ckpt["step"]
     except Exception as e:  # torch.load raises many kinds of error on a damaged file
         raise ConfigError(f"--resume: {path} is not a readable checkpoint of this program "
                           f"({type(e).__name__}: {str(e)[:120]})")
@@ -1336,10 +1364,10 @@ def load_checkpoint(run):
     if ends != run.net.ends:  # --split balanced measures again, and may cut elsewhere
         raise ConfigError(f"--resume: {path} has modules ending after blocks {ends}, this run "
                           f"chose {run.net.ends}; resume with --split {','.join(map(str, ends))}")
-    if (world, size) != (run.world, len(run.data[0])):  # the schedule was sized for its steps
-        raise ConfigError(f"--resume: {path} was trained by {world} processes on {size} images, "
-                          f"this run has {run.world} on {len(run.data[0])}: the learning-rate "
-                          "schedule would not fit; resume it as it was started")
+    if (replicas, size) != (run.replicas, len(run.data[0])):  # the schedule fits its steps
+        raise ConfigError(f"--resume: {path} was trained by {replicas} data-parallel processes "
+                          f"on {size} images, this run has {run.replicas} on {len(run.data[0])}: "
+                          "the learning-rate schedule would not fit; resume it as it was started")
     if args.max_steps is not None and args.max_steps <= step:
         raise ConfigError(f"--resume --max-steps {args.max_steps}: {path} has done {step} "
                           "steps already; give more, or leave --max-steps out")
@@ -1347,17 +1375,18 @@ def load_checkpoint(run):
 
 
 def resume(run):
-    """--resume: weights, optimizer, scheduler, scaler and random states, and the progress."""
+    """--resume: weights, optimizers, schedulers and loss scales, and the progress. (No random
+    state: each step's draws are seeded by the step, train_epoch.)"""
     ckpt = load_checkpoint(run)
     try:
         run.net.load_state_dict(ckpt["net"])
-        states = ckpt["optimizers"] + ckpt["schedulers"]
-        for obj, state in zip(run.optimizers + run.schedulers, states, strict=True):
-            obj.load_state_dict(state)
-        run.scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"])
-        for device, state in ckpt["cuda_rng"].items():  # each device a module lives on
-            torch.cuda.set_rng_state(state, device)
+        parts = zip(run.optimizers, run.schedulers, run.scalers, ckpt["optimizers"],
+                    ckpt["schedulers"], ckpt["scalers"], strict=True)
+        for j, (optimizer, scheduler, scaler, *states) in enumerate(parts):
+            scheduler.load_state_dict(states[1])
+            if run.stage in (None, j):  # module parallel: process i holds module i's state
+                optimizer.load_state_dict(states[0])
+                scaler.load_state_dict(states[2])
         for name in PROGRESS:
             kind = type(getattr(run, name))
             if not isinstance(ckpt[name], (int, float) if kind is float else kind):
@@ -1379,11 +1408,12 @@ def run_info(args, net, device, optimizers, world):
     return {"config": vars(args), "k": len(net.specs), "split": list(net.ends),
             "lambdas": net.lambdas, "mus": net.mus,
             "lr": optimizers[0].param_groups[0]["initial_lr"],
-            "global_batch": args.batch_size * world, "world_size": world,
+            "global_batch": args.batch_size * (1 if args.module_parallel else world),
+            "world_size": world,
             "parameters": sum(p.numel() for p in net.backbone.parameters()),
             "aux_parameters": sum(p.numel() for p in net.aux.parameters()),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-            "devices": [str(d) for d in net.devices], "torch": torch.__version__}
+            "torch": torch.__version__}
 
 
 # ---- The training run: epochs, progress, evaluation, results --------------------------------
@@ -1406,11 +1436,13 @@ def train(run):
     if run.rank == 0:  # exactly the epochs the checkpoint has seen
         write_log(run)
     # A resumed run's AdamW state is loaded already, so it counts in the baseline.
-    memory = PeakMemory(run.net.devices, baseline=state_bytes(run.net, run.optimizers))
+    memory = PeakMemory(run.device, baseline=state_bytes(run.net, run.optimizers))
     mark = time.perf_counter()
     while run.epoch < args.epochs and not (args.max_steps and run.step >= args.max_steps):
         start = time.perf_counter()
         done, loss_sums = train_epoch(run, memory)
+        if run.stage is not None:  # --module-parallel: every process gets the whole network
+            share_weights(run)
         run.epoch += 1
         record = {"epoch": run.epoch, "steps": done, "train_loss": (loss_sums / done).tolist(),
                   "lr": run.schedulers[0].get_last_lr()[0],
@@ -1421,8 +1453,10 @@ def train(run):
         run.peak_bytes = max(run.peak_bytes, memory.peak_bytes() or 0)
         run.wall_time += time.perf_counter() - mark
         mark = time.perf_counter()
-        if run.rank == 0 and done == run.steps_per_epoch:  # a checkpoint marks a finished epoch
-            save_checkpoint(run)
+        if done == run.steps_per_epoch:  # a checkpoint marks a finished epoch
+            states = module_states(run)
+            if run.rank == 0:
+                save_checkpoint(run, states)
         if run.rank == 0:
             write_log(run)
     return finish(run)
@@ -1437,19 +1471,25 @@ def train_epoch(run, memory):
     generator = torch.Generator().manual_seed(1000 * args.seed + run.epoch)
     order = torch.randperm(len(train_set), generator=generator)
     loss_sums, window = torch.zeros(len(run.modules), device=run.device), []
+    handoff = None if run.stage is None else Handoff(run.rank, run.net.specs, batch, run.device)
     window_start = time.perf_counter()
     for done in range(1, run.steps_per_epoch + 1):
-        start = ((done - 1) * run.world + run.rank) * batch  # this process's part of the batch
+        replica = run.rank if run.stage is None else 0  # data parallel: its part of the batch
+        start = ((done - 1) * run.replicas + replica) * batch
         part = order[start:start + batch]
         images = train_set.images[part].to(run.device, non_blocking=True)
         images = prepare_batch(images, img_size, generator, args.crop_scale)
         labels = train_set.labels[part].to(run.device, non_blocking=True)
         # The meter (a Python hook on every operator) reads each epoch's first two steps; the
         # second holds the optimizer state.
+        options = dict(clip_grad=args.clip_grad, amp_dtype=run.amp_dtype,
+                       seed=2**40 * args.seed + 2**10 * run.step)  # module i's: seed + i
         with memory.region() if done <= 2 else contextlib.nullcontext():
-            losses = train_step(run.modules, run.optimizers, images, labels,
-                                clip_grad=args.clip_grad, amp_dtype=run.amp_dtype,
-                                scaler=run.scaler)
+            if handoff is None:
+                losses = train_step(run.modules, run.optimizers, images, labels,
+                                    scalers=run.scalers, **options)
+            else:
+                losses = pipeline_step(run, handoff, images, labels, **options)
         window.append(torch.stack([loss.float().to(run.device) for loss in losses]))  # no sync
         for scheduler in run.schedulers:
             scheduler.step()
@@ -1461,6 +1501,8 @@ def train_epoch(run, memory):
             window, window_start = [], time.perf_counter()
         if stop:
             break
+    if handoff is not None:
+        handoff.wait()
     return done, loss_sums
 
 
@@ -1469,15 +1511,15 @@ def report_progress(run, done, window, seconds):
     images/s, ETA); stops the run at a loss that is not finite, naming the first bad step and
     module. Returns the window's (K,) summed losses."""
     losses = torch.stack(window)
-    if run.world > 1:  # the mean over processes: every rank logs the same, and stops together
-        torch.distributed.all_reduce(losses)
-        losses /= run.world
+    if run.world > 1:  # every process logs the same, and stops together
+        torch.distributed.all_reduce(losses)  # module parallel: each adds its module's losses
+        losses /= run.replicas  # data parallel: the mean over processes
     bad = (~torch.isfinite(losses)).nonzero()  # checked here, not each step: no host sync
     if len(bad):
         row, i = bad[0].tolist()
         raise FloatingPointError(f"loss of module {i + 1} became {losses[row, i].item()} at step "
                                  f"{run.step - len(window) + 1 + row} (epoch {run.epoch + 1})")
-    args, images_per_step = run.args, run.args.batch_size * run.world
+    args, images_per_step = run.args, run.args.batch_size * run.replicas
     run.train_time += seconds
     run.train_images += len(window) * images_per_step
     rate = run.train_images / run.train_time
@@ -1497,14 +1539,16 @@ def evaluate_epoch(run, done):
     trained on (not a whole 224-px test set after a few steps; not the first, one-class ones)."""
     record, batch = {}, run.args.batch_size
     for name, split in (("val", run.data[1]), ("test", run.data[2])):
-        if split is None:
+        if split is None or (run.stage is not None and run.rank > 0):  # rank 0 does it for all
             continue
         if done < run.steps_per_epoch:
             pick = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))
-            split = split.subset(pick[:done * batch * run.world])
+            split = split.subset(pick[:done * batch * run.replicas])
             record[f"{name}_images"] = len(split)
         loss, acc = evaluate(run.net, split, run.device, batch, run.amp_dtype, name)
         record[f"{name}_loss"], record[f"{name}_acc"] = loss, acc
+    if run.stage is not None:
+        record = broadcast_object(record)
     return record
 
 
@@ -1523,11 +1567,17 @@ def print_epoch(run, record):
 def finish(run):
     """results.json, once: the last epoch's accuracies, the best validation epoch, peak memory,
     images/s, the full config."""
-    results = {"ranks_identical": ranks_identical(run.net)} if run.world > 1 else {}
+    results, peaks = {}, [run.peak_bytes]
+    if run.world > 1:  # every process's peak; the largest is the run's
+        if run.stage is None:
+            results["ranks_identical"] = ranks_identical(run.net)
+        peaks = [None] * run.world
+        torch.distributed.all_gather_object(peaks, run.peak_bytes)
+        results["peak_memory_per_process_mib"] = [p and p / 2**20 for p in peaks]
     last = run.history[-1] if run.history else {}
     with_val = [r for r in run.history if "val_acc" in r]
     best = max(with_val, key=lambda r: r["val_acc"]) if with_val else {}
-    peak = run.peak_bytes / 2**20 if run.peak_bytes else None
+    peak = max(peaks) / 2**20 if all(peaks) else None
     results |= {"test_acc": last.get("test_acc"), "val_acc": last.get("val_acc"),
                 "best_val_acc": best.get("val_acc"), "best_val_epoch": best.get("epoch"),
                 "peak_memory_mib": peak, "epochs": run.epoch, "steps": run.step,
@@ -1544,7 +1594,7 @@ def finish(run):
     return results
 
 
-# ---- Parallelism: data parallel under torchrun, a module per device ------------------------
+# ---- Parallelism under torchrun: data parallel, or a process per module --------------------
 
 def init_distributed(device):
     """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on CUDA and gloo on the
@@ -1599,15 +1649,71 @@ def ranks_identical(net):
     return bool(same.item())
 
 
-def place(net, devices):
-    """Put module i, with its auxiliary block and optimizer state to come, on devices[i]
-    (module 1 with the patch embedding). Before the optimizers are made."""
-    if len(devices) != len(net.local_modules):
-        raise ConfigError(f"--devices names {len(devices)} devices for {len(net.local_modules)} "
-                          "modules: give one per module")
-    for module, device in zip(net.local_modules, devices):
-        module.to(device)
-    return net
+def broadcast_object(obj):
+    """Process 0's obj (a record, a split: no tensors), on every process."""
+    holder = [obj]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+class Handoff:
+    """--module-parallel: x_i from process i to process i + 1 with torch.distributed's
+    point-to-point operations (gloo on the CPU, NCCL on GPUs). A send returns at once, and the
+    next one waits for it: process i runs at most a step ahead of process i + 1."""
+
+    def __init__(self, rank, specs, batch_size, device):
+        spec = specs[rank]  # x_{i-1}'s shape, as module i reads it: (B, H, W, C)
+        self.rank, self.device, self.sending = rank, device, None
+        self.shape = (batch_size, spec.in_res, spec.in_res, spec.in_dim)
+
+    def send(self, x):
+        self.wait()
+        x = x.contiguous()
+        self.sending = x, torch.distributed.isend(x, self.rank + 1)  # x lives until it is sent
+
+    def receive(self):
+        x = torch.empty(self.shape, device=self.device)
+        torch.distributed.recv(x, self.rank - 1)
+        return x
+
+    def wait(self):
+        if self.sending is not None:
+            self.sending[1].wait()
+            self.sending = None
+
+
+def pipeline_step(run, handoff, images, labels, *, seed, **step_options):
+    """--module-parallel, process i's training step: module i on x_{i-1} from process i - 1
+    (module 1 on the images, which every process draws itself), x_i on to process i + 1
+    without waiting. The same computation as module i's part of train_step. Returns the K
+    losses: zero but module i's (report_progress adds them up over the processes)."""
+    i, k = run.stage, len(run.modules)
+    x = images if i == 0 else handoff.receive()
+    x, loss = local_step(run.modules[i], run.optimizers[i], x, images, labels, seed=seed + i,
+                         scaler=run.scalers[i], **step_options)
+    if i + 1 < k:
+        handoff.send(x)
+    return [loss if j == i else torch.zeros((), device=run.device) for j in range(k)]
+
+
+def share_weights(run):
+    """--module-parallel, after each epoch: every process receives each module's weights from
+    the process that trains it, so that evaluation and last.pt see the whole network."""
+    for j, module in enumerate(run.net.local_modules):
+        for tensor in module.state_dict().values():  # in place: the weights themselves
+            torch.distributed.broadcast(tensor, src=j)
+
+
+def module_states(run):
+    """Each module's (optimizer, loss scale) state, for last.pt. Module parallel: gathered on
+    process 0 from the process that trains the module (no process holds another's state)."""
+    states = [(o.state_dict(), s.state_dict()) for o, s in zip(run.optimizers, run.scalers)]
+    if run.stage is None:
+        return states
+    gathered = [None] * run.world if run.rank == 0 else None
+    on_cpu = tree_map(lambda v: v.cpu() if isinstance(v, torch.Tensor) else v, states[run.stage])
+    torch.distributed.gather_object(on_cpu, gathered, dst=0)
+    return gathered
 
 
 # ---- Command line ---------------------------------------------------------------------------
@@ -1648,7 +1754,8 @@ def parse_args(argv=None):
     a("--pretrained", action="store_true", help="start from torchvision's ImageNet weights")
     a("--k", type=int, help=f"gradient-isolated modules K (default {d.k}; 1 is end-to-end)")
     a("--split", default="paper", help="paper (design note 3), balanced (the largest module as "
-      "small as possible, measured) or the blocks after which modules 1..K-1 end, e.g. 2,4,10")
+      "small as possible, measured), time (the slowest module as fast as possible, measured: "
+      "for --module-parallel) or the blocks after which modules 1..K-1 end, e.g. 2,4,10")
     a("--method", default="ours", help=f"one of {', '.join(METHODS)}")
     a("--decoder", default="interp", help=f"one of {', '.join(DECODERS)}")
     a("--lambdas", type=float_list, help="reconstruction weights of modules 1..K-1 "
@@ -1671,7 +1778,8 @@ def parse_args(argv=None):
     a("--checkpoint", action="store_true", help="recompute each block in the backward pass")
     a("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast (fp16: CUDA only)")
     a("--device", help="cuda, cuda:1, cpu, mps ... (default: cuda when present)")
-    a("--devices", help="a device per module, e.g. cuda:0,cuda:1 (overrides --device)")
+    a("--module-parallel", action="store_true", help="under torchrun with K processes: process "
+      "i trains module i, passing x_i on (default: data parallel)")
     a("--seed", type=int, default=0, help="the same seed gives the same run")
     a("--out", help="output folder (default runs/DATASET-ARCH-kK-METHOD, or "
       "runs/memory-ARCH-kK-METHOD-bBATCH)")
@@ -1712,28 +1820,24 @@ def check_flags(args):
     if args.resume and (args.measure_memory or args.overwrite):
         other = "measure-memory" if args.measure_memory else "overwrite"
         raise ConfigError(f"--resume and --{other} do not go together")
+    if args.module_parallel and args.measure_memory:
+        raise ConfigError("--measure-memory measures one process's step; drop --module-parallel "
+                          "(a module-parallel run reports each process's peak in results.json)")
 
 
-def pick_devices(args):
-    """(device, devices or None): --device, or one device per module with --devices."""
+def pick_device(args):
     try:
-        devices = [torch.device(d) for d in args.devices.split(",")] if args.devices else None
-        default = "cuda" if torch.cuda.is_available() else "cpu"
-        device = devices[0] if devices else torch.device(args.device or default)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
-        raise ConfigError(f"--device(s): {e}")
-    for d in devices or [device]:
-        if d.type not in ("cpu", "cuda", "mps"):
-            raise ConfigError(f"--device(s): {d.type} is not supported here; use cpu, cuda or mps")
-        if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
-            raise ConfigError(f"--device(s): {d} is not available here "
-                              f"({torch.cuda.device_count()} CUDA devices)")
-        if d.type == "mps" and not torch.backends.mps.is_available():
-            raise ConfigError("--device(s): mps is not available here")
-    if devices and len({d.type for d in devices}) > 1:  # a non-blocking copy to the CPU races
-        raise ConfigError(f"--devices {args.devices}: mixes device types; put every module on "
-                          "the same kind of device")
-    return device, devices
+        raise ConfigError(f"--device: {e}")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device: {device.type} is not supported here; use cpu, cuda or mps")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device: {device} is not available here "
+                          f"({torch.cuda.device_count()} CUDA devices)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device: mps is not available here")
+    return device
 
 
 def interrupted(signum, frame):
@@ -1768,6 +1872,12 @@ def main(argv=None):
     except FloatingPointError as e:
         print(f"error: {e}; stopping", file=sys.stderr)
         return 3
+    except RuntimeError as e:  # gloo's errors ("Connection closed by peer") are plain ones
+        if not (isinstance(e, torch.distributed.DistError) or "/gloo/" in str(e)):
+            raise
+        print(f"error: another process of this run has ended, so this one ends too ({args.out}/"
+              "last.pt holds the last finished epoch, if any)", file=sys.stderr)
+        return 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -1777,39 +1887,41 @@ def main(argv=None):
 
 def run(args):
     check_flags(args)
-    device, devices = pick_devices(args)
-    rank, world, device = init_distributed(device)
-    if world > 1 and devices:
-        raise ConfigError("--devices (a module per device) does not combine with torchrun "
-                          "(data parallel) yet")
+    rank, world, device = init_distributed(pick_device(args))
     if rank:
         sys.stdout = open(os.devnull, "w")  # rank 0 alone prints progress
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     if amp_dtype is torch.float16 and device.type != "cuda":
         raise ConfigError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
-    net, data, num_classes = build(args, device, devices, rank, world)
+    replicas = 1 if args.module_parallel else world  # data parallel: its processes
+    # Module parallel: every process steps every module's schedule (last.pt keeps them all),
+    # though it steps only its own module's optimizer.
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+    net, data, num_classes = build(args, device, rank, world)
     lock = on_rank0_first(lambda: take_folder(args), rank, world, others=False)
     try:
-        modules = distribute(net.local_modules, device) if world > 1 else net.local_modules
-        lr = args.lr if args.lr is not None else PAPER.lr_per_512 * args.batch_size * world / 512
+        data_parallel = world > 1 and not args.module_parallel
+        modules = distribute(net.local_modules, device) if data_parallel else net.local_modules
+        lr = args.lr or PAPER.lr_per_512 * args.batch_size * replicas / 512
         describe(net, lr, device, args, world)
-        per_epoch = 10 if args.measure_memory else len(data[0]) // (args.batch_size * world)
+        per_epoch = 10 if args.measure_memory else len(data[0]) // (args.batch_size * replicas)
         optimizers, schedulers = make_optimizers(
             modules, lr=lr, weight_decay=args.weight_decay, total_steps=args.epochs * per_epoch,
             warmup_steps=args.warmup_epochs * per_epoch)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+        scalers = [torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+                   for _ in modules]
         if args.measure_memory:
-            return measure(args, net, modules, optimizers, scaler, device, amp_dtype, world,
+            return measure(args, net, modules, optimizers, scalers, device, amp_dtype, world,
                            num_classes)
-        train(Run(args, net, modules, optimizers, schedulers, scaler, device, amp_dtype, data,
-                  rank, world))
+        train(Run(args, net, modules, optimizers, schedulers, scalers, device, amp_dtype, data,
+                  rank, world, stage=rank if args.module_parallel else None))
         return 0
     finally:
         if lock is not None:
             lock.close()
 
 
-def build(args, device, devices, rank, world):
+def build(args, device, rank, world):
     """The model, its split and the data, every check included: nothing is written yet."""
     torch.manual_seed(args.seed)
     num_classes = count_classes(args.dataset, args.data_dir)
@@ -1817,14 +1929,20 @@ def build(args, device, devices, rank, world):
                            window_size=args.window_size, embed_dim=args.embed_dim,
                            depths=args.depths, heads=args.heads, drop_path=args.drop_path)
     depths = [len(stage) for stage in backbone.stages]
-    ends = resolve_split("paper" if args.split == "balanced" else args.split, args.k, depths)
+    search = args.split in ("balanced", "time")
+    ends = resolve_split("paper" if search else args.split, args.k, depths)
     lambdas = lambda_mu_schedule(len(ends), args.lambdas, args.mus)[0]
+    if args.module_parallel and (world != len(ends) + 1 or world == 1):
+        raise ConfigError(f"--module-parallel trains module i in process i: K = {len(ends) + 1} "
+                          f"needs torchrun --nproc_per_node {len(ends) + 1} (and K > 1), not "
+                          f"{world} process{'es' * (world > 1)}")
     if args.pretrained:  # before the data: a refused --pretrained must not start a download
         check_pretrained(args)
         load_torchvision_weights(backbone, pretrained_state_dict(args.arch), with_head=False)
     data = None
     if not args.measure_memory:  # one process downloads, the others then read
-        data = on_rank0_first(lambda: load_data(args, world), rank, world)
+        replicas = 1 if args.module_parallel else world
+        data = on_rank0_first(lambda: load_data(args, replicas), rank, world)
     name = f"{args.arch}-k{len(ends) + 1}-{args.method}"
     default = f"{args.dataset}-{name}"
     if args.measure_memory:
@@ -1833,15 +1951,18 @@ def build(args, device, devices, rank, world):
     check_folder(args)  # early, before a long balanced-split search
     options = dict(method=args.method, decoder=args.decoder, temperature=args.temperature,
                    label_smoothing=args.label_smoothing, checkpoint=args.checkpoint)
-    if args.split == "balanced":  # the same K, cut where the largest module is smallest
-        ends, shares = balanced_split(backbone.to(device), len(ends) + 1, lambdas,
-                                      batch_size=args.batch_size, device=device, **options)
-        print(f"balanced split at batch {args.batch_size}: modules 1..K-1 end after blocks "
-              f"{','.join(map(str, ends))}; each module's memory as a share of E2E's "
-              f"(measured): {' '.join(f'{s:.2f}' for s in shares)}")
+    if search:  # the same K, cut where the largest (or slowest) module is smallest
+        by = "memory" if args.split == "balanced" else "time"
+        found = None if rank else balanced_split(backbone.to(device), len(ends) + 1, lambdas,
+                                                 by=by, batch_size=args.batch_size,
+                                                 device=device, **options)
+        ends, shares = broadcast_object(found) if world > 1 else found
+        whose = "memory as a share of E2E's" if by == "memory" else "share of the step's time"
+        print(f"{args.split} split at batch {args.batch_size}: modules 1..K-1 end after blocks "
+              f"{','.join(map(str, ends))}; each module's {whose} (measured): "
+              f"{' '.join(f'{s:.2f}' for s in shares)}")
     net = LocalSwin(backbone, ends, lambdas=args.lambdas, mus=args.mus, **options)
-    place(net, devices or [device] * len(net.local_modules))
-    return net, data, num_classes
+    return net.to(device), data, num_classes
 
 
 def check_pretrained(args):
@@ -1882,17 +2003,20 @@ def describe(net, lr, device, args, world):
     if device.type == "cpu" and args.img_size > 64 and not args.measure_memory:
         print(f"on a CPU, {args.img_size}-px training is slow; the README's small setting "
               "(Fashion-MNIST at 32 px) learns in minutes")
-    if world > 1:
+    if args.module_parallel:
+        print(f"module parallel: {world} processes, process i trains module i on x_(i-1) from "
+              "process i-1 and passes x_i on; evaluation on process 0 after each epoch")
+    elif world > 1:
         print(f"data parallel: {world} processes x batch {args.batch_size} = global batch "
               f"{args.batch_size * world}, lr {lr:.2e}; the contrastive loss and BatchNorm see "
               "each process's own batch")
 
 
-def measure(args, net, modules, optimizers, scaler, device, amp_dtype, world, num_classes):
+def measure(args, net, modules, optimizers, scalers, device, amp_dtype, world, num_classes):
     """--measure-memory: the figures, printed and written to results.json (by rank 0)."""
     figures = measure_memory(net, optimizers, modules=modules, batch_size=args.batch_size,
                              num_classes=num_classes, device=device, steps=args.max_steps or 3,
-                             clip_grad=args.clip_grad, amp_dtype=amp_dtype, scaler=scaler)
+                             clip_grad=args.clip_grad, amp_dtype=amp_dtype, scalers=scalers)
     figures.update(run_info(args, net, device, optimizers, world))
     if torch.distributed.is_initialized() and torch.distributed.get_rank():
         return 0

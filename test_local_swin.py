@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -385,7 +386,7 @@ def test_balanced_split_holds_no_more_than_the_paper_split(checkpoint):
         checkpoint=checkpoint,
     )
     backbone = L.build_model("swin-t", 10, **{**SMALL, "embed_dim": 32, "heads": (2, 4, 8, 16)})
-    search = L.PeakMemory([torch.device("cpu")])
+    search = L.PeakMemory(torch.device("cpu"))
     with search.region():
         ends, shares = L.balanced_split(
             backbone, 4, [3.0, 1.5, 0.0], batch_size=16, device=torch.device("cpu"), **options
@@ -922,33 +923,14 @@ def test_default_output_folders_do_not_collide(tmp_path, monkeypatch, capsys):
     assert sorted(os.listdir("runs")) == ["memory-swin-t-k4-ours-b64", "synthetic-swin-t-k4-ours"]
 
 
-def test_a_module_per_device_gives_the_same_run(tmp_path, capsys):
-    """--devices puts module i on the i-th device; on cpu,cpu,cpu the run equals one device's."""
-    assert run_cli(["--k", "3", "--epochs", "1"], tmp_path / "one", capsys)[0] == 0
-    code, cap = run_cli(
-        ["--k", "3", "--epochs", "1", "--devices", "cpu,cpu,cpu"], tmp_path / "three", capsys
-    )
-    assert code == 0, cap.err
-    one, three = [
-        [json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
-        for d in ("one", "three")
-    ]
-    assert [(r["train_loss"], r["test_acc"]) for r in one] == [
-        (r["train_loss"], r["test_acc"]) for r in three
-    ]
-    assert json.loads((tmp_path / "three" / "results.json").read_text())["devices"] == ["cpu"] * 3
-
-
-def test_cli_checkpoint_composes_with_devices_and_amp(tmp_path, capsys):
-    """--checkpoint with a module per device and bf16 autocast: the run equals the same run
-    without it (the recomputation replays drop-path and autocast), and holds less memory."""
+def test_cli_checkpoint_composes_with_amp(tmp_path, capsys):
+    """--checkpoint with bf16 autocast: the run equals the same run without it (the
+    recomputation replays drop-path and autocast), and holds less memory."""
     args = [
         "--k",
         "3",
         "--epochs",
         "1",
-        "--devices",
-        "cpu,cpu,cpu",
         "--amp",
         "bf16",
         "--drop-path",
@@ -970,12 +952,31 @@ def test_cli_checkpoint_composes_with_devices_and_amp(tmp_path, capsys):
     assert peaks[1] < peaks[0], peaks
 
 
-def test_cli_balanced_split(tmp_path, capsys):
-    code, cap = run_cli(["--k", "3", "--split", "balanced", "--measure-memory"], tmp_path, capsys)
+@pytest.mark.parametrize("split", ["balanced", "time"])
+def test_cli_balanced_split(split, tmp_path, capsys):
+    code, cap = run_cli(["--k", "3", "--split", split, "--measure-memory"], tmp_path, capsys)
     assert code == 0, cap.err
-    line = next(line for line in cap.out.splitlines() if line.startswith("balanced split"))
+    line = next(line for line in cap.out.splitlines() if line.startswith(f"{split} split"))
     ends = [int(b) for b in line.split("end after blocks ")[1].split(";")[0].split(",")]
     assert json.loads((tmp_path / "results.json").read_text())["split"] == ends and len(ends) == 2
+    shares = [float(v) for v in line.split("(measured): ")[1].split()]
+    assert len(shares) == 3 and all(v > 0 for v in shares)
+    if split == "time":  # shares of one step's time
+        assert sum(shares) == pytest.approx(1, abs=0.02)
+
+
+def test_time_split_gives_a_slow_block_a_module_of_its_own(monkeypatch):
+    """--split time measures each block: with block 7 of 12 made slow (0.2 s a call), the
+    pipeline is fastest with block 7 alone in module 2."""
+    torch.manual_seed(0)
+    backbone = L.build_model("swin-t", 10, **SMALL)  # depths 2, 2, 6, 2
+    slow, forward = backbone.stages[2][2], backbone.stages[2][2].forward
+    monkeypatch.setattr(slow, "forward", lambda x: (time.sleep(0.2), forward(x))[1])
+    ends, shares = L.balanced_split(
+        backbone, 3, [3.0, 1.5], batch_size=8, device=torch.device("cpu"), by="time"
+    )
+    assert ends == (6, 7) and max(shares) == shares[1], (ends, shares)
+    assert sum(shares) == pytest.approx(1)
 
 
 DDP_WORKER = """
@@ -999,7 +1000,7 @@ torch.distributed.destroy_process_group()
 """
 
 
-def torchrun(args, **kwargs):
+def torchrun(args, nproc=2, timeout=300, **kwargs):
     env = {**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [
@@ -1008,12 +1009,12 @@ def torchrun(args, **kwargs):
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node",
-            "2",
+            str(nproc),
             *args,
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         env=env,
         **kwargs,
     )
@@ -1066,6 +1067,82 @@ def test_cli_under_torchrun(tmp_path):
     assert (
         again.returncode == 0 and json.loads((tmp_path / "results.json").read_text())["steps"] == 2
     ), again.stderr[-3000:]
+
+
+def module_parallel(args, out, nproc, **kwargs):
+    cli = [os.path.join(HERE, "local_swin.py"), *TINY_CLI, "--module-parallel", "--out", str(out)]
+    return torchrun(cli + args, nproc=nproc, **kwargs)
+
+
+def epochs(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method,k", [("ours", 2), ("ours", 4), ("infopro", 2), ("infopro", 4)])
+def test_module_parallel_equals_one_process(method, k, tmp_path, capsys):
+    """K gloo processes, process i training module i on the x_{i-1} it receives, make the run
+    one process makes at the same thread count (drop-path on: each module draws from its own
+    seed); for K = 2 also when cut after an epoch and resumed."""
+    args = ["--method", method, "--k", str(k), "--epochs", "2", "--drop-path", "0.2"]
+    args += ["--val-split", "0.2"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each process of torchrun's
+    try:
+        assert run_cli(args, tmp_path / "one", capsys)[0] == 0
+    finally:
+        torch.set_num_threads(threads)
+    done = module_parallel(args, tmp_path / "parallel", k)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, parallel = epochs(tmp_path / "one"), epochs(tmp_path / "parallel")
+    assert len(one) == len(parallel) == 2
+    for a, b in zip(one, parallel):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+        assert (a["val_acc"], a["test_acc"]) == (b["val_acc"], b["test_acc"])
+    results = json.loads((tmp_path / "parallel" / "results.json").read_text())
+    assert results["world_size"] == k and len(results["peak_memory_per_process_mib"]) == k
+    assert results["peak_memory_mib"] == max(results["peak_memory_per_process_mib"])
+    assert done.stdout.count("done:") == 1 and f"module parallel: {k} processes" in done.stdout
+    progress = [line for line in done.stdout.splitlines() if " step " in line][-1]
+    assert len(progress.split("| loss ")[1].split(" |")[0].split()) == k  # every module's loss
+    if k == 2:  # 12 steps an epoch: stop after the first, then resume
+        cut = tmp_path / "cut"
+        assert module_parallel(args + ["--max-steps", "12"], cut, k).returncode == 0
+        again = module_parallel(args + ["--resume"], cut, k)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert [r["train_loss"] for r in epochs(cut)] == [r["train_loss"] for r in parallel]
+
+
+DYING_WORKER = """
+import os, signal, sys
+import local_swin as L
+real, calls = L.local_step, [0]
+def dying(*args, **kwargs):  # the process of rank argv[1] is killed at its 5th step
+    calls[0] += 1
+    if os.environ["RANK"] == sys.argv[1] and calls[0] == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+L.local_step = dying
+sys.exit(L.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("dies", [0, 1])
+def test_module_parallel_a_dead_process_ends_the_others(dies, tmp_path):
+    """A process killed mid-epoch (the sender, or the receiver): the other ends with one line
+    and no traceback of ours, instead of waiting for x_i forever."""
+    (tmp_path / "worker.py").write_text(DYING_WORKER)
+    args = [*TINY_CLI, "--k", "2", "--epochs", "3", "--module-parallel", "--out", str(tmp_path)]
+    done = torchrun([str(tmp_path / "worker.py"), str(dies), *args], timeout=120)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "[rank" not in done.stderr, done.stderr[-3000:]
+
+
+def test_module_parallel_needs_a_process_per_module(tmp_path):
+    done = module_parallel(["--k", "3", "--epochs", "1"], tmp_path, 2)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode != 0 and len(errors) == 2, done.stderr[-3000:]  # one per process
+    assert "K = 3 needs torchrun --nproc_per_node 3" in errors[0] and not os.listdir(tmp_path)
 
 
 def test_resume_refuses_other_module_ends(tmp_path, capsys):
@@ -1158,8 +1235,9 @@ BAD_INPUTS = [
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--device", "meta"], "meta is not supported here"),
     (["--device", "tpu"], "Expected one of cpu, cuda"),
-    (["--k", "3", "--devices", "cpu,cpu"], "one per module"),
-    (["--devices", "gpu:0"], "--device(s)"),
+    (["--k", "3", "--module-parallel"], "needs torchrun --nproc_per_node 3"),
+    (["--k", "2", "--module-parallel", "--measure-memory"], "drop --module-parallel"),
+    (["--split", "fastest"], "is not 'paper', 'balanced', 'time' or"),
     (["--device", "cuda:7"], "is not available here"),
     (["--device", "mps"], "mps is not available here"),
 ]
@@ -1292,8 +1370,8 @@ def run_bytes(out):
 
 
 def test_a_failed_check_never_touches_the_output_folder(tmp_path, capsys):
-    """--overwrite removes the old run only once every check has passed (model, split, devices,
-    decoder included); without it, a failed check leaves no new folder behind."""
+    """--overwrite removes the old run only once every check has passed (model, split, process
+    count, decoder included); without it, a failed check leaves no new folder behind."""
     out = tmp_path / "run"
     assert run_cli(["--k", "2", "--epochs", "1"], out, capsys)[0] == 0
     before = run_bytes(out)
@@ -1315,7 +1393,7 @@ def test_a_failed_check_never_touches_the_output_folder(tmp_path, capsys):
         ["--method", "magic"],
         ["--decoder", "magic"],
         odd,
-        ["--k", "3", "--devices", "cpu,cpu"],
+        ["--k", "3", "--module-parallel"],
     ):
         for where in (out, tmp_path / "new"):
             code, cap = run_cli(args + ["--epochs", "1", "--overwrite"], where, capsys)
@@ -1362,9 +1440,9 @@ def test_resume_refuses_another_world_data_or_max_steps(tmp_path, capsys):
     assert code == 2 and "on 120 images, this run has 1 on 121" in cap.err, cap.err
     (tmp_path / "data" / "train" / "red" / "extra.png").unlink()
     ckpt = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
-    torch.save({**ckpt, "world_size": 2}, tmp_path / "out" / "last.pt")
+    torch.save({**ckpt, "replicas": 2}, tmp_path / "out" / "last.pt")
     code, cap = run_cli(args[:-2] + ["--resume"], tmp_path / "out", capsys)
-    assert code == 2 and "trained by 2 processes" in cap.err, cap.err
+    assert code == 2 and "trained by 2 data-parallel processes" in cap.err, cap.err
     for broken in ({k: v for k, v in ckpt.items() if k != "optimizers"}, {**ckpt, "history": 3}):
         torch.save(broken, tmp_path / "out" / "last.pt")
         code, cap = run_cli(args[:-2] + ["--resume"], tmp_path / "out", capsys)
