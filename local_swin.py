@@ -1849,6 +1849,9 @@ def interrupted(signum, frame):
     raise KeyboardInterrupt
 
 
+EXIT_CODES = {ConfigError: 2, RunError: 1, FloatingPointError: 3, KeyboardInterrupt: 130}
+
+
 def main(argv=None):
     # SIGINT is set too: a shell starts background jobs with it ignored.
     previous = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -1856,33 +1859,22 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         return run(args)
-    except KeyboardInterrupt:
-        out = getattr(args, "out", None)
-        kept = ""
-        if out and os.path.exists(os.path.join(out, "last.pt")):
-            kept = f"; {out}/last.pt holds the last finished epoch (--resume continues)"
-        print(f"error: interrupted{kept}", file=sys.stderr)
-        return 130
-    except ConfigError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever it says
-        return 2
-    except RunError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    except FloatingPointError as e:
-        print(f"error: {e}; stopping", file=sys.stderr)
-        return 3
+    except (ConfigError, RunError, FloatingPointError, KeyboardInterrupt) as e:
+        code, message = EXIT_CODES[type(e)], " ".join(str(e).split()) or "interrupted"
     except RuntimeError as e:  # gloo's errors ("Connection closed by peer") are plain ones
         if not (isinstance(e, torch.distributed.DistError) or "/gloo/" in str(e)):
             raise
-        print(f"error: another process of this run has ended, so this one ends too ({args.out}/"
-              "last.pt holds the last finished epoch, if any)", file=sys.stderr)
-        return 1
+        code, message = 1, "another process of this run has ended, so this one ends too"
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    out = getattr(args, "out", None)
+    if code in (1, 130) and out and os.path.exists(os.path.join(out, "last.pt")):
+        message += f"; {out}/last.pt holds the last finished epoch (--resume continues)"
+    print(f"error: {message}", file=sys.stderr)  # one line, whatever it says
+    return code
 
 
 def run(args):
