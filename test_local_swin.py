@@ -1138,6 +1138,30 @@ def test_module_parallel_a_dead_process_ends_the_others(dies, tmp_path):
     assert len(errors) == 1 and "[rank" not in done.stderr, done.stderr[-3000:]
 
 
+NAN_WORKER = """
+import os, sys
+import local_swin as L
+real, calls = L.local_step, [0]
+def poisoned(*args, **kwargs):  # process 2 (module 2): its loss becomes NaN at its 3rd step
+    x, loss = real(*args, **kwargs)
+    calls[0] += 1
+    return x, loss * float("nan") if os.environ["RANK"] == "1" and calls[0] == 3 else loss
+L.local_step = poisoned
+sys.exit(L.main(sys.argv[1:]))
+"""
+
+
+def test_module_parallel_a_nan_loss_stops_every_process(tmp_path):
+    """Module 2's loss turns NaN in process 2: every process stops at the next progress line,
+    naming the step and the module, with exit code 3."""
+    (tmp_path / "worker.py").write_text(NAN_WORKER)
+    args = [*TINY_CLI, "--k", "2", "--epochs", "1", "--module-parallel", "--out", str(tmp_path)]
+    done = torchrun([str(tmp_path / "worker.py"), *args])
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and "[rank" not in done.stderr, done.stderr[-3000:]
+    assert all("loss of module 2 became nan at step 3 (epoch 1)" in e for e in errors), errors
+
+
 def test_module_parallel_needs_a_process_per_module(tmp_path):
     done = module_parallel(["--k", "3", "--epochs", "1"], tmp_path, 2)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
