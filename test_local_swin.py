@@ -1157,16 +1157,16 @@ def test_module_parallel_a_nan_loss_stops_every_process(tmp_path):
     (tmp_path / "worker.py").write_text(NAN_WORKER)
     args = [*TINY_CLI, "--k", "2", "--epochs", "1", "--module-parallel", "--out", str(tmp_path)]
     done = torchrun([str(tmp_path / "worker.py"), *args])
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 2 and "[rank" not in done.stderr, done.stderr[-3000:]
-    assert all("loss of module 2 became nan at step 3 (epoch 1)" in e for e in errors), errors
+    # each process's line (two processes may write them into one line of torchrun's stderr)
+    assert done.stderr.count("error: ") == 2 and "[rank" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.count("error: loss of module 2 became nan at step 3 (epoch 1)") == 2
 
 
 def test_module_parallel_needs_a_process_per_module(tmp_path):
     done = module_parallel(["--k", "3", "--epochs", "1"], tmp_path, 2)
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert done.returncode != 0 and len(errors) == 2, done.stderr[-3000:]  # one per process
-    assert "K = 3 needs torchrun --nproc_per_node 3" in errors[0] and not os.listdir(tmp_path)
+    assert done.returncode != 0 and done.stderr.count("error: ") == 2, done.stderr[-3000:]
+    assert done.stderr.count("K = 3 needs torchrun --nproc_per_node 3") == 2  # one per process
+    assert not os.listdir(tmp_path)
 
 
 def test_resume_refuses_other_module_ends(tmp_path, capsys):
