@@ -1730,7 +1730,7 @@ def test_on_another_device_no_tensor_is_made_on_the_cpu(method, checkpoint):
     """With every module on the meta device (what a GPU run would hit, without a GPU), a training
     step and the evaluation forward pass create no tensor on the CPU: no hidden host copy."""
     net = small_net(4, method=method, checkpoint=checkpoint, lambdas=[1.0, 1.0, 1.0])
-    L.place(net, [torch.device("meta")] * 4)
+    net.to("meta")
     recorders = [GradRecorder(m.parameters()) for m in net.local_modules]
     images, labels = (t.to("meta") for t in batch())
     mode = OutputDevices()
