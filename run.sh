@@ -330,7 +330,7 @@ for name, ends in (("e2e", ()), ("ours-k4", (2, 4, 10))):
     backbone = L.build_model("swin-t", 1000, 224)
     for block in [m for m in backbone.modules() if isinstance(m, L.SwinBlock)]:
         block.attn, block.mlp = L.Checkpointed(block.attn), L.Checkpointed(*block.mlp)
-    net = L.place(L.LocalSwin(backbone, ends), [device] * (len(ends) + 1))
+    net = L.LocalSwin(backbone, ends).to(device)
     optimizers, _ = L.make_optimizers(net.local_modules, lr=1e-4, weight_decay=0.05, total_steps=10, warmup_steps=0)
     r = L.measure_memory(net, optimizers, batch_size=int(sys.argv[1]), num_classes=1000, device=device, steps=2)
     print(f"| {name}-checkpoint-attn-mlp-apart | {r['peak_memory_mib']:.0f} | " + " | ".join(
