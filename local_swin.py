@@ -965,6 +965,7 @@ def balanced_split(backbone, k, lambdas, *, batch_size, device, by="memory", che
         return cost + (aux_cost(a, b, lambdas[i] > 0) if b < n else 0)
 
     ends = min_max_split(n, k, module_cost)
+    backbone.zero_grad(set_to_none=True)  # what the timed backward passes left
     costs = [module_cost(i, a, b) for i, (a, b) in enumerate(zip((0,) + ends, ends))]
     return ends[:-1], [c / (sum(full) if by == "memory" else sum(costs)) for c in costs]
 
@@ -1945,9 +1946,12 @@ def build(args, device, rank, world):
                    label_smoothing=args.label_smoothing, checkpoint=args.checkpoint)
     if search:  # the same K, cut where the largest (or slowest) module is smallest
         by = "memory" if args.split == "balanced" else "time"
-        found = None if rank else balanced_split(backbone.to(device), len(ends) + 1, lambdas,
-                                                 by=by, batch_size=args.batch_size,
-                                                 device=device, **options)
+        # Rank 0 searches; the forked random state leaves every process's the same for the
+        # auxiliary blocks built next (module parallel: each process builds them all).
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            found = None if rank else balanced_split(backbone.to(device), len(ends) + 1,
+                                                     lambdas, by=by, batch_size=args.batch_size,
+                                                     device=device, **options)
         ends, shares = broadcast_object(found) if world > 1 else found
         whose = "memory as a share of E2E's" if by == "memory" else "share of the step's time"
         print(f"{args.split} split at batch {args.batch_size}: modules 1..K-1 end after blocks "

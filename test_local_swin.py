@@ -1078,12 +1078,21 @@ def epochs(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method,k", [("ours", 2), ("ours", 4), ("infopro", 2), ("infopro", 4)])
-def test_module_parallel_equals_one_process(method, k, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "method,k,split",
+    [
+        ("ours", 2, "paper"),
+        ("ours", 4, "paper"),
+        ("infopro", 2, "paper"),
+        ("infopro", 4, "balanced"),
+    ],
+)
+def test_module_parallel_equals_one_process(method, k, split, tmp_path, capsys):
     """K gloo processes, process i training module i on the x_{i-1} it receives, make the run
     one process makes at the same thread count (drop-path on: each module draws from its own
-    seed); for K = 2 also when cut after an epoch and resumed."""
+    seed; a split searched by process 0 alone); for K = 2 also when cut and resumed."""
     args = ["--method", method, "--k", str(k), "--epochs", "2", "--drop-path", "0.2"]
+    args += ["--split", split]
     args += ["--val-split", "0.2"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each process of torchrun's
