@@ -908,12 +908,10 @@ def seconds(fn, device, repeats=3):
 
 def balanced_split(backbone, k, lambdas, *, batch_size, device, by="memory", checkpoint=False,
                    method="ours", decoder="interp", **loss_options):
-    """The cut points that make the largest module, with its auxiliary block, as small (by
-    "memory": the bytes kept for backward) or as fast (by "time": forward and backward, for
-    --module-parallel, whose pipeline runs at its slowest module's pace) as possible at this
-    batch and image size. Each block is measured on its own detached input, and so is one local
-    loss of each kind of auxiliary block. Returns the ends and each module's share of E2E's
-    memory, or of the whole step's time."""
+    """Cuts that make the largest module (with its auxiliary block) smallest by "memory" (bytes
+    kept for backward) or "time" (forward and backward: a pipeline runs at its slowest module's
+    pace), each block and each kind of local loss measured on its own detached input. Returns
+    the ends and each module's share of E2E's memory, or of the step's time."""
     units = [layers for layers, _, _ in block_units(backbone)]
     units[-1] = units[-1] + [backbone.head]
     n, size = len(units), backbone.patch_embed.img_size
@@ -943,8 +941,8 @@ def balanced_split(backbone, k, lambdas, *, batch_size, device, by="memory", che
                               xs[b].shape[1])
             lam = float(reconstructs and method != "greedy-contrast")
             loss = auxiliary_loss(method, spec, lam=lam, mu=1.0, img_size=size, decoder=decoder,
-                                  num_classes=backbone.head.fc.out_features, **loss_options)
-            loss = loss.to(device)
+                                  num_classes=backbone.head.fc.out_features,
+                                  **loss_options).to(device)
             step = lambda: loss(xs[b].detach().requires_grad_(), xs[a].detach(),  # noqa: E731
                                 images, labels).backward()
             if by == "time":
@@ -1507,7 +1505,7 @@ def train_epoch(run, memory):
     return done, loss_sums
 
 
-def report_progress(run, done, window, seconds):
+def report_progress(run, done, window, elapsed):
     """The progress line over the steps since the last one (each module's mean loss, lr,
     images/s, ETA); stops the run at a loss that is not finite, naming the first bad step and
     module. Returns the window's (K,) summed losses."""
@@ -1521,7 +1519,7 @@ def report_progress(run, done, window, seconds):
         raise FloatingPointError(f"loss of module {i + 1} became {losses[row, i].item()} at step "
                                  f"{run.step - len(window) + 1 + row} (epoch {run.epoch + 1})")
     args, images_per_step = run.args, run.args.batch_size * run.replicas
-    run.train_time += seconds
+    run.train_time += elapsed
     run.train_images += len(window) * images_per_step
     rate = run.train_images / run.train_time
     total = min(args.epochs * run.steps_per_epoch, args.max_steps or math.inf)
