@@ -16,6 +16,7 @@ comment points at the README's design notes, which decide every point the paper 
     python local_swin.py --dataset cifar10 --k 4
 """
 import argparse
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -682,79 +683,52 @@ def make_optimizers(modules, *, lr, weight_decay, total_steps, warmup_steps):
 
 # =============================================================================================
 # The method ends here. What follows is infrastructure: importing torchvision's weights,
-# measuring memory, the memory-balanced split, data, the training run, parallelism and the
-# command line. None of it changes what the method computes.
+# measuring memory, the balanced splits, data, the training run, parallelism and the command
+# line. None of it changes what the method computes.
 # =============================================================================================
 
-# ---- Importing torchvision's weights: the parity check, and --pretrained --------------------
+# ---- Importing torchvision's weights: the parity check ---------------------------------------
 
 def torchvision_key(key):
-    """The name torchvision's swin_t/s/b gives the tensor our state_dict calls `key`."""
+    """The name torchvision's Swin gives the tensor our state_dict calls `key`."""
     key = re.sub(r"^stages\.(\d+)\.", lambda m: f"features.{2 * int(m[1]) + 1}.", key)
     key = re.sub(r"^merges\.(\d+)\.", lambda m: f"features.{2 * int(m[1]) + 2}.", key)
     key = key.replace(".mlp.2.", ".mlp.3.")  # torchvision's MLP has a Dropout after the GELU
-    renames = (("patch_embed.proj.", "features.0.0."), ("patch_embed.norm.", "features.0.2."),
-               ("head.norm.", "norm."), ("head.fc.", "head."))
-    for ours, theirs in renames:
+    renames = {"patch_embed.proj.": "features.0.0.", "patch_embed.norm.": "features.0.2.",
+               "head.norm.": "norm.", "head.fc.": "head."}
+    for ours, theirs in renames.items():
         if key.startswith(ours):
             return theirs + key[len(ours):]
     return key
 
 
-def load_torchvision_weights(model, state_dict, with_head=True):
-    """Copy the weights of torchvision's swin_t/swin_s/swin_b into our model (as nanoGPT's
-    from_pretrained does): every key mapped, counts and shapes checked, copied without grad.
-    with_head=False leaves our classifier (sized for another data set's classes) as it is."""
-    ours = {k: v for k, v in model.state_dict().items()
-            if with_head or not k.startswith("head.fc.")}
-    theirs = {k: v for k, v in state_dict.items()
-              if not k.endswith("relative_position_index")
-              and (with_head or not k.startswith("head."))}
-    if len(ours) != len(theirs):
-        raise ConfigError(f"our model has {len(ours)} tensors, the torchvision state_dict "
-                          f"{len(theirs)}: not the same architecture")
+def load_torchvision_weights(model, state_dict):
+    """Copy the weights of torchvision's Swin (swin_t/s/b, or one built to our shapes) into
+    ours, as nanoGPT's from_pretrained does: every tensor mapped, counts and shapes checked.
+    Our relative-position index is recomputed, and must be the one torchvision stored."""
+    theirs = {k: v for k, v in state_dict.items() if not k.endswith("relative_position_index")}
+    if len(model.state_dict()) != len(theirs):
+        raise ConfigError(f"our model has {len(model.state_dict())} tensors, the torchvision "
+                          f"state_dict {len(theirs)}: not the same architecture")
     with torch.no_grad():
-        for key, tensor in ours.items():
+        for key, tensor in model.state_dict().items():
             source = theirs.get(torchvision_key(key))
-            if source is None or source.shape != tensor.shape:
-                found = "missing" if source is None else tuple(source.shape)
-                raise ConfigError(f"{key}: expected {tuple(tensor.shape)} at "
-                                  f"{torchvision_key(key)}, found {found}")
+            if source is None or source.shape != tensor.shape:  # copy_ would broadcast
+                found = "nothing" if source is None else tuple(source.shape)
+                raise ConfigError(f"{key}: {tuple(tensor.shape)} expected at "
+                                  f"{torchvision_key(key)}, {found} found")
             tensor.copy_(source)
-    # We recompute the relative-position index; it must be the one torchvision stored.
     for name, buffer in model.named_buffers():
-        stored = state_dict.get(torchvision_key(name))
-        if name.endswith("relative_position_index") and stored is not None:
-            assert torch.equal(buffer.flatten(), stored.flatten().to(buffer.device))
+        if name.endswith("relative_position_index"):
+            assert torch.equal(buffer.flatten(), state_dict[torchvision_key(name)].flatten())
     return model
-
-
-TORCHVISION_WEIGHTS = {"swin-t": "Swin_T_Weights", "swin-s": "Swin_S_Weights",
-                       "swin-b": "Swin_B_Weights"}
-
-
-def pretrained_state_dict(arch):
-    """torchvision's ImageNet-1k weights for `arch`, fetched once through its weights API."""
-    if arch not in TORCHVISION_WEIGHTS:
-        raise ConfigError("--pretrained: torchvision has ImageNet weights for "
-                          f"{', '.join(TORCHVISION_WEIGHTS)} only")
-    from torchvision.models import get_weight
-    weights = get_weight(f"{TORCHVISION_WEIGHTS[arch]}.IMAGENET1K_V1")
-    try:
-        return weights.get_state_dict(progress=True, check_hash=True)
-    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), a damaged file
-        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-        raise ConfigError(f"--pretrained: could not fetch {weights.url} "
-                          f"({getattr(e, 'reason', e)}); torchvision caches weights in {cache}: "
-                          f"put {os.path.basename(weights.url)} there to use them offline")
 
 
 # ---- Memory: the paper's headline claim, measured the same way on every device -------------
 
 class LiveTensorMeter(TorchDispatchMode):
-    """The CPU's stand-in for torch.cuda.max_memory_allocated: the peak bytes held by tensor
-    storages that operators returned while the meter was active and that are still alive. A
-    kernel's scratch space, allocated and freed inside it, is not seen."""
+    """The CPU's torch.cuda.max_memory_allocated: the peak bytes of the storages that operators
+    returned while the meter was active and that are alive (a kernel's scratch space is not)."""
 
     def __init__(self):
         super().__init__()
@@ -785,13 +759,12 @@ class LiveTensorMeter(TorchDispatchMode):
 
 
 class PeakMemory:
-    """Peak training memory in bytes on one device. CUDA: max_memory_allocated since this
-    object was made. CPU: `baseline` (the bytes live before) plus the meter's peak over the
-    regions entered with `region()`. Other devices: None."""
+    """Peak training memory in bytes on one device. CUDA: max_memory_allocated since this object
+    was made. CPU: `baseline` (bytes live before) plus the meter's peak in `region()`s. Other
+    devices: None."""
 
     def __init__(self, device, baseline=0):
-        self.device, self.baseline = device, baseline
-        self.cuda = device.type == "cuda"
+        self.device, self.baseline, self.cuda = device, baseline, device.type == "cuda"
         self.meter = LiveTensorMeter() if device.type == "cpu" else None
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -822,8 +795,8 @@ def state_bytes(net, optimizers):
 
 
 def count_flops(net, images, labels, **step_kwargs):
-    """FLOPs of one training step (forward and backward, recomputation and auxiliary blocks
-    included), counted on a copy of the network on the meta device: shapes only, no memory."""
+    """FLOPs of one training step (recomputation and auxiliary blocks included), counted on a
+    copy of the network on the meta device: shapes only, no memory."""
     meta = copy.deepcopy(net).to("meta")
     optimizers = [torch.optim.AdamW(module.parameters()) for module in meta.local_modules]
     step_kwargs = {**step_kwargs, "amp_dtype": None, "scalers": None}  # the same count
@@ -833,11 +806,22 @@ def count_flops(net, images, labels, **step_kwargs):
     return flops.get_total_flops()
 
 
+def seconds(fn, device, repeats=3):
+    """The median time of fn() over `repeats` calls, after one that warms up."""
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":  # CUDA runs asynchronously
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[repeats // 2]
+
+
 def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3, modules=None,
                    **step_kwargs):
-    """--measure-memory: training steps on random tensors of the configured shape. Returns the
-    peak training memory, its part above parameters and optimizer state (activations,
-    gradients, temporaries), the step time (apart from the meter's overhead) and FLOPs."""
+    """--measure-memory, on random tensors: the peak training memory, its part above parameters
+    and optimizer state (activations, gradients, temporaries), the step time, FLOPs."""
     modules = net.local_modules if modules is None else modules
     size = net.backbone.patch_embed.img_size
     images = torch.randn(batch_size, 3, size, size, device=device)
@@ -845,18 +829,12 @@ def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3,
     step = lambda: train_step(modules, optimizers, images, labels, **step_kwargs)  # noqa: E731
     net.train()
     scalers = step_kwargs.get("scalers") or []
-    for _ in range(10):  # warm up until every optimizer holds its state:
-        scales = [scaler.get_scale() for scaler in scalers]
-        step()  # (fp16's scaler skips a step with an overflow, and lowers its scale)
+    for _ in range(10):  # warm up until every optimizer holds its state (fp16's scaler skips
+        scales = [scaler.get_scale() for scaler in scalers]  # a step that overflows)
+        step()
         if all(scaler.get_scale() >= scale for scaler, scale in zip(scalers, scales)):
             break
-    sync = lambda: device.type == "cuda" and torch.cuda.synchronize(device)  # noqa: E731
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    step_time = (time.perf_counter() - start) / steps
+    step_time = seconds(step, device, repeats=steps)
     state = state_bytes(net, optimizers)
     memory = PeakMemory(device, baseline=state + tensor_bytes([images, labels]))
     with memory.region():
@@ -872,9 +850,8 @@ def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3,
 # ---- Balanced splits: by memory (--split balanced) and by time (--split time) --------------
 
 def min_max_split(n, k, cost):
-    """The ends b_1 < ... < b_{K-1} of K modules over n blocks that make the largest
-    cost(i, a, b) (module i + 1 holding blocks a+1 .. b) as small as possible: a dynamic
-    program over (modules placed, blocks covered), each later module left at least a block."""
+    """The ends b_1 < ... < b_{K-1} of K modules over n blocks that minimise the largest
+    cost(i, a, b) (module i + 1 holding blocks a+1 .. b): a dynamic program."""
     best = {(0, 0): (0, ())}  # (modules placed, blocks covered) -> (largest cost, ends)
     for i in range(k):
         covers = [n] if i == k - 1 else range(i + 1, n - (k - 1 - i) + 1)
@@ -886,24 +863,11 @@ def min_max_split(n, k, cost):
 
 
 def bytes_kept(memory, layers, x):
-    """The bytes `layers` keep for backward on input x (their output included), and the output,
-    detached: the graph dies on return, so a search holds one block's graph at a time."""
+    """(The bytes `layers` keep for backward on x, output included; the output, detached.)"""
     with memory.region():
         before = memory.live_bytes()
         out = layers(x)
         return memory.live_bytes() - before, out.detach()
-
-
-def seconds(fn, device, repeats=3):
-    """The median time of fn() over `repeats` calls, after one that warms up."""
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":  # CUDA runs asynchronously
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[repeats // 2]
 
 
 def balanced_split(backbone, k, lambdas, *, batch_size, device, by="memory", checkpoint=False,
@@ -1007,7 +971,7 @@ DATASETS = (*TORCHVISION_SETS, "imagefolder", "synthetic")
 
 
 def as_image_set(dataset):
-    """The uint8 array a torchvision data set already holds, as (N, C, H, W), with its labels."""
+    """The uint8 array a torchvision data set holds, as (N, C, H, W), with its labels."""
     images = torch.as_tensor(dataset.data)
     if images.ndim == 3:  # MNIST-like: (N, H, W), grayscale
         images = images[:, None]
@@ -1018,45 +982,12 @@ def as_image_set(dataset):
 
 
 def imagefolder_dirs(root):
-    train = os.path.join(root, "train")
-    test = next((os.path.join(root, d) for d in ("val", "test")
-                 if os.path.isdir(os.path.join(root, d))), None)
-    if not os.path.isdir(train) or test is None:
-        raise ConfigError(f"--dataset imagefolder needs {train}/<class>/* and "
-                          f"{os.path.join(root, 'val')} (or test)/<class>/*; not found")
-    return train, test
-
-
-def list_images(folder):
-    """(paths, labels, classes) of folder/<class>/..., sorted. A folder reached again through a
-    symlink is walked once; files without an image extension are skipped, and counted."""
-    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
-    paths, labels, skipped = [], [], {}
-    for label, name in enumerate(classes):
-        walked = set()
-        for root, dirs, files in os.walk(os.path.join(folder, name), followlinks=True):
-            dirs.sort()
-            if os.path.realpath(root) in walked:  # a symlink loop, or a second way in
-                dirs.clear()
-                continue
-            walked.add(os.path.realpath(root))
-            for file in sorted(files):
-                extension = os.path.splitext(file)[1].lower() or "no extension"
-                if extension not in datasets.folder.IMG_EXTENSIONS:
-                    skipped[extension] = skipped.get(extension, 0) + 1
-                    continue
-                paths.append(os.path.join(root, file))
-                labels.append(label)
-    found = set(labels)
-    empty = [name for label, name in enumerate(classes) if label not in found]
-    if not classes or empty:
-        raise ConfigError(f"--dataset imagefolder: Found no valid file for the classes "
-                          f"{', '.join(empty) or '(no class folders)'} in {folder}")
-    if skipped:
-        counts = ", ".join(f"{n} {ext}" for ext, n in sorted(skipped.items()))
-        print(f"{folder}: skipped {sum(skipped.values())} files that are not images of a known "
-              f"extension ({counts})", flush=True)
-    return paths, labels, classes
+    test = next((d for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), "val")
+    dirs = [os.path.join(root, d) for d in ("train", test)]
+    if not all(os.path.isdir(d) for d in dirs):
+        raise ConfigError(f"--dataset imagefolder needs {dirs[0]}/<class>/* and {dirs[1]} (or "
+                          "test)/<class>/*; not found")
+    return dirs
 
 
 def read_image(path):
@@ -1072,46 +1003,50 @@ def read_image(path):
         raise OSError(f"cannot read the image {path} ({e})") from None
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Image files, each read and resized to img_size x img_size, as uint8 (3, S, S) tensors."""
+def image_files(folder, img_size):
+    """torchvision's ImageFolder over folder/<class>/..., each image read, resized to img_size
+    (our choice: large images would not fit in memory) and converted to RGB. A file reached
+    twice (a symlink loop, a second way in) counts once; files that are not images are counted."""
+    seen, skipped = set(), collections.Counter()
 
-    def __init__(self, paths, labels, img_size):
-        self.paths, self.labels = paths, labels
-        self.resize = v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True)])
+    def wanted(path):
+        extension = os.path.splitext(path)[1].lower() or "no extension"
+        if os.path.realpath(path) in seen or not os.path.isfile(path):  # isfile: not a loop's end
+            return False
+        seen.add(os.path.realpath(path))
+        skipped[extension] += extension not in datasets.folder.IMG_EXTENSIONS
+        return extension in datasets.folder.IMG_EXTENSIONS
 
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return self.resize(read_image(self.paths[i])), self.labels[i]
+    resize = v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True)])
+    files = datasets.ImageFolder(folder, resize, loader=read_image, is_valid_file=wanted)
+    if skipped.total():
+        counts = ", ".join(f"{n} {ext}" for ext, n in sorted(skipped.items()) if n)
+        print(f"{folder}: skipped {skipped.total()} files that are not images of a known "
+              f"extension ({counts})", flush=True)
+    return files
 
 
 def decode_folder(folder, img_size, workers):
-    """An image folder decoded once, in `workers` processes, resized to img_size (our choice: a
-    folder of large images would not fit in memory at full size) and converted to RGB."""
-    paths, labels, classes = list_images(folder)
-    print(f"decoding {len(paths)} images in {folder} once, at {img_size} x {img_size}", flush=True)
-    files = ImageFiles(paths, labels, img_size)
+    """An image folder decoded once, in `workers` processes: (ImageSet, class names)."""
     try:
+        files = image_files(folder, img_size)
+        print(f"decoding {len(files)} images in {folder} once, at {img_size} px", flush=True)
         parts = list(torch.utils.data.DataLoader(files, batch_size=256, num_workers=workers))
-    except OSError as e:  # an unreadable image, in this process or a worker
+    except OSError as e:  # an unreadable image or an empty class, here or in a worker
         raise ConfigError(f"--dataset imagefolder: {str(e).strip().splitlines()[-1]}")
     except RuntimeError as e:  # a worker killed by the system (out of memory): not bad input
         raise RunError(f"decoding {folder}: {str(e).strip().splitlines()[0]}")
     images, labels = zip(*parts)
-    return ImageSet(torch.cat(images), torch.cat(labels)), classes
+    return ImageSet(torch.cat(images), torch.cat(labels)), files.classes
 
 
 def count_classes(name, root):
     """The number of classes, without loading the data (--measure-memory needs no data)."""
     if name not in DATASETS:
         raise ConfigError(f"unknown --dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    if name == "synthetic":
-        return 10
     if name == "imagefolder":
-        train_dir = imagefolder_dirs(root)[0]
-        return sum(os.path.isdir(os.path.join(train_dir, d)) for d in os.listdir(train_dir))
-    return TORCHVISION_SETS[name][3]
+        return sum(entry.is_dir() for entry in os.scandir(imagefolder_dirs(root)[0]))
+    return 10 if name == "synthetic" else TORCHVISION_SETS[name][3]
 
 
 def make_datasets(name, root, img_size, download=True, workers=0):
@@ -1122,7 +1057,7 @@ def make_datasets(name, root, img_size, download=True, workers=0):
         (train, classes), (test, test_classes) = (decode_folder(d, img_size, workers)
                                                   for d in imagefolder_dirs(root))
         if classes != test_classes:
-            raise ConfigError(f"{' and '.join(imagefolder_dirs(root))} hold different classes")
+            raise ConfigError(f"--dataset imagefolder: {root}'s splits hold different classes")
         return train, test
     cls, train_kw, test_kw, _ = TORCHVISION_SETS[name]
     try:
@@ -1142,9 +1077,8 @@ def make_datasets(name, root, img_size, download=True, workers=0):
 
 
 def validation_split(train, fraction, seed=0):
-    """(train, val): a fixed random `fraction` (in [0, 1)) of the training set held out for
-    choosing settings (design note 7). It depends on `seed` alone, not on --seed: every run is
-    judged on the same images."""
+    """(train, val): a fixed random `fraction` of the training set held out for choosing settings
+    (design note 7), the same whatever --seed: every run is judged on the same images."""
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     n_val = round(fraction * len(train))
     return train.subset(order[n_val:]), (train.subset(order[:n_val]) if n_val else None)
@@ -1201,7 +1135,7 @@ def evaluate(net, data, device, batch_size, amp_dtype=None, name=None):
         images = prepare_batch(images, net.backbone.patch_embed.img_size)
         labels = data.labels[start:start + batch_size].to(device)
         with autocast(device, amp_dtype):
-            logits = net(images).float().to(device)  # with --devices, from the last device
+            logits = net(images).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         correct += (logits.argmax(dim=1) == labels).sum()
     net.train()
@@ -1211,13 +1145,13 @@ def evaluate(net, data, device, batch_size, amp_dtype=None, name=None):
 # ---- The run's files: output folder, lock, checkpoint, log, results ------------------------
 
 class RunError(Exception):
-    """The run cannot go on, through no fault of its flags (a full disk, a read-only folder, a
-    killed worker): one line, exit code 1, every file a resume needs left whole."""
+    """The run cannot go on through no fault of its flags (a full disk, a killed worker): one
+    line, exit code 1, every file a resume needs left whole."""
 
 
 RUN_FILES = ("log.jsonl", "results.json", "last.pt")  # what a run writes into --out
-# Flags that do not change what is computed: a resumed run may change them. (--split is
-# checked through the module ends it resolves to: "balanced" and the list it chose are alike.)
+# Flags that do not change what is computed, so a resumed run may change them. (--split is
+# checked through the module ends it resolves to.)
 RUN_ONLY_FLAGS = {"resume", "max_steps", "workers", "device", "data_dir", "no_download",
                   "log_every", "out", "split", "overwrite", "checkpoint", "module_parallel"}
 
@@ -1239,19 +1173,14 @@ def atomic_write(path, write):
         raise
 
 
-def write_json(path, record):
-    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(record, indent=2)))
-
-
-def run_files_held(out):
-    """The files that make a folder hold a run: a finished epoch (last.pt) or results. A log
-    alone, of a run stopped in its first epoch, holds nothing a resume could continue."""
-    return [f for f in ("last.pt", "results.json") if os.path.exists(os.path.join(out, f))]
+def write_text(path, text):
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
 def check_folder(args):
-    """Refuse a folder that holds a run unless --resume or --overwrite; --resume needs last.pt."""
-    held = run_files_held(args.out)
+    """Refuse a folder that holds a run (a finished epoch or results: a log alone holds nothing to
+    continue) unless --resume or --overwrite; --resume needs last.pt."""
+    held = [f for f in ("last.pt", "results.json") if os.path.exists(os.path.join(args.out, f))]
     if held and not (args.resume or args.overwrite):  # a user's results are never replaced unasked
         raise ConfigError(f"--out {args.out} holds a run ({', '.join(held)}): --resume continues "
                           "it, --overwrite replaces it")
@@ -1334,7 +1263,9 @@ PROGRESS = ("epoch", "step", "history", "train_images", "train_time", "wall_time
 
 
 def save_checkpoint(run, states):
-    """last.pt: everything a resume needs, replaced atomically at the end of each epoch."""
+    """last.pt, by rank 0: everything a resume needs, replaced atomically after each epoch."""
+    if run.rank:
+        return
     ckpt = {name: getattr(run, name) for name in PROGRESS}
     ckpt |= {"config": vars(run.args), "ends": run.net.ends, "replicas": run.replicas,
              "train_size": len(run.data[0]), "net": run.net.state_dict(),
@@ -1397,9 +1328,9 @@ def resume(run):
 
 
 def write_log(run):
-    """log.jsonl: one record per epoch, rewritten whole (and atomically) after each."""
-    text = "".join(json.dumps(record) + "\n" for record in run.history)
-    atomic_write(run.path("log.jsonl"), lambda tmp: pathlib.Path(tmp).write_text(text))
+    """log.jsonl, by rank 0: one record per epoch, rewritten whole (and atomically) after each."""
+    if run.rank == 0:
+        write_text(run.path("log.jsonl"), "".join(json.dumps(r) + "\n" for r in run.history))
 
 
 def run_info(args, net, device, optimizers, world):
@@ -1432,8 +1363,7 @@ def train(run):
         print(f"resumed from {run.path('last.pt')} after epoch {run.epoch} (step {run.step})")
     print(f"training {args.epochs} x {run.steps_per_epoch} steps; into {args.out}/: last.pt and "
           "log.jsonl after each epoch, results.json at the end")
-    if run.rank == 0:  # exactly the epochs the checkpoint has seen
-        write_log(run)
+    write_log(run)  # exactly the epochs the checkpoint has seen
     # A resumed run's AdamW state is loaded already, so it counts in the baseline.
     memory = PeakMemory(run.device, baseline=state_bytes(run.net, run.optimizers))
     mark = time.perf_counter()
@@ -1453,11 +1383,8 @@ def train(run):
         run.wall_time += time.perf_counter() - mark
         mark = time.perf_counter()
         if done == run.steps_per_epoch:  # a checkpoint marks a finished epoch
-            states = module_states(run)
-            if run.rank == 0:
-                save_checkpoint(run, states)
-        if run.rank == 0:
-            write_log(run)
+            save_checkpoint(run, module_states(run))
+        write_log(run)
     return finish(run)
 
 
@@ -1556,11 +1483,9 @@ def print_epoch(run, record):
     for name in ("val", "test"):
         if f"{name}_acc" in record:
             part = f"{name} loss {record[name + '_loss']:.4f} acc {record[name + '_acc']:.2f}%"
-            if f"{name}_images" in record:
-                part += f" (on {record[name + '_images']} of its images)"
-            parts.append(part)
-    parts.append(f"{record['train_time_s']:.0f} s")
-    print(" | ".join(parts), flush=True)
+            subset = record.get(f"{name}_images")
+            parts.append(part + (f" (on {subset} of its images)" if subset else ""))
+    print(" | ".join(parts + [f"{record['train_time_s']:.0f} s"]), flush=True)
 
 
 def finish(run):
@@ -1568,8 +1493,6 @@ def finish(run):
     images/s, the full config."""
     results, peaks = {}, [run.peak_bytes]
     if run.world > 1:  # every process's peak; the largest is the run's
-        if run.stage is None:
-            results["ranks_identical"] = ranks_identical(run.net)
         peaks = [None] * run.world
         torch.distributed.all_gather_object(peaks, run.peak_bytes)
         results["peak_memory_per_process_mib"] = [p and p / 2**20 for p in peaks]
@@ -1584,12 +1507,10 @@ def finish(run):
                 "wall_time_s": run.wall_time,
                 **run_info(run.args, run.net, run.device, run.optimizers, run.world)}
     if run.rank == 0:
-        write_json(run.path("results.json"), results)
-    line = f"done: test acc {results['test_acc']:.2f}%"
-    if results["val_acc"] is not None:
-        line += f", val acc {results['val_acc']:.2f}%"
-    print(f"{line} | peak memory {peak or float('nan'):.0f} MiB | "
-          f"{results['images_per_second']:.0f} img/s | {run.path('results.json')}")
+        write_text(run.path("results.json"), json.dumps(results, indent=2))
+    val = "" if results["val_acc"] is None else f", val acc {results['val_acc']:.2f}%"
+    print(f"done: test acc {results['test_acc']:.2f}%{val} | peak memory {peak or math.nan:.0f} "
+          f"MiB | {results['images_per_second']:.0f} img/s | {run.path('results.json')}")
     return results
 
 
@@ -1636,18 +1557,6 @@ def distribute(modules, device):
     return [nn.parallel.DistributedDataParallel(m, device_ids=device_ids) for m in modules]
 
 
-@torch.no_grad()
-def ranks_identical(net):
-    """Under DDP: does every process hold exactly rank 0's parameters? (Checked at the end.)"""
-    same = torch.ones((), device=next(net.parameters()).device)
-    for p in net.parameters():
-        reference = p.detach().clone()
-        torch.distributed.broadcast(reference, src=0)
-        same *= torch.equal(reference, p)
-    torch.distributed.all_reduce(same, op=torch.distributed.ReduceOp.MIN)
-    return bool(same.item())
-
-
 def broadcast_object(obj):
     """Process 0's obj (a record, a split: no tensors), on every process."""
     holder = [obj]
@@ -1667,8 +1576,8 @@ class Handoff:
 
     def send(self, x):
         self.wait()
-        x = x.contiguous()
-        self.sending = x, torch.distributed.isend(x, self.rank + 1)  # x lives until it is sent
+        x = x.contiguous()  # kept alive in self.sending until it has been sent
+        self.sending = x, torch.distributed.isend(x, self.rank + 1)
 
     def receive(self):
         x = torch.empty(self.shape, device=self.device)
@@ -1750,45 +1659,37 @@ def parse_args(argv=None):
     a("--depths", type=int_list, help="blocks per stage, e.g. 2,2,6,2 (default: the arch's)")
     a("--heads", type=int_list, help="heads per stage, e.g. 3,6,12,24 (default: the arch's)")
     a("--drop-path", type=float, help="stochastic depth rate of the last block (default: arch's)")
-    a("--pretrained", action="store_true", help="start from torchvision's ImageNet weights")
     a("--k", type=int, help=f"gradient-isolated modules K (default {d.k}; 1 is end-to-end)")
     a("--split", default="paper", help="paper (design note 3), balanced (the largest module as "
       "small as possible, measured), time (the slowest module as fast as possible, measured: "
       "for --module-parallel) or the blocks after which modules 1..K-1 end, e.g. 2,4,10")
     a("--method", default="ours", help=f"one of {', '.join(METHODS)}")
     a("--decoder", default="interp", help=f"one of {', '.join(DECODERS)}")
-    a("--lambdas", type=float_list, help="reconstruction weights of modules 1..K-1 "
-      f"(default: {d.lambdas[0]} to {d.lambdas[1]}, linearly)")
-    a("--mus", type=float_list, help="contrastive weights of modules 1..K-1 "
-      f"(default: {d.mus[0]} to {d.mus[1]}, linearly)")
+    a("--lambdas", type=float_list, help=f"lambda_i of eq. 2, i < K (default: {d.lambdas}, linear)")
+    a("--mus", type=float_list, help=f"mu_i of eq. 2, i < K (default: {d.mus}, linear)")
     a("--temperature", type=float, default=d.temperature, help="NT-Xent temperature")
     a("--epochs", type=int, default=d.epochs, help="training epochs")
     a("--warmup-epochs", type=int, help="linear warm-up before the cosine (default: epochs / 15)")
     a("--batch-size", type=int, default=d.batch_size, help="images per step and process")
     a("--lr", type=float, help=f"peak learning rate (default {d.lr_per_512} x global batch / 512)")
-    a("--weight-decay", type=float, default=d.weight_decay, help="AdamW's (none on biases, norms, "
-      "position tables)")
+    a("--weight-decay", type=float, default=d.weight_decay, help="AdamW's (not on biases, norms)")
     a("--label-smoothing", type=float, default=d.label_smoothing, help="of every cross-entropy")
     a("--clip-grad", type=float, default=d.clip_grad, help="gradient norm clipping, per module")
     a("--val-split", type=float, default=0.0, help="share of the training set held out")
     a("--crop-scale", type=float, default=d.crop_scale, help="smallest area a random crop keeps")
-    a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes that decode an "
-      "imagefolder, once")
+    a("--workers", type=int, default=min(4, os.cpu_count() or 1), help="imagefolder decoders")
     a("--checkpoint", action="store_true", help="recompute each block in the backward pass")
     a("--amp", default="none", choices=("none", "bf16", "fp16"), help="autocast (fp16: CUDA only)")
     a("--device", help="cuda, cuda:1, cpu, mps ... (default: cuda when present)")
     a("--module-parallel", action="store_true", help="under torchrun with K processes: process "
       "i trains module i, passing x_i on (default: data parallel)")
     a("--seed", type=int, default=0, help="the same seed gives the same run")
-    a("--out", help="output folder (default runs/DATASET-ARCH-kK-METHOD, or "
-      "runs/memory-ARCH-kK-METHOD-bBATCH)")
+    a("--out", help="output folder (default runs/DATASET-ARCH-kK-METHOD)")
     a("--resume", action="store_true", help="continue the run in --out from its last.pt")
     a("--overwrite", action="store_true", help="replace the run in --out")
-    a("--max-steps", type=int, help="stop after this many steps in all (--measure-memory: "
-      "steps timed, default 3)")
+    a("--max-steps", type=int, help="stop after this many steps (--measure-memory: steps timed)")
     a("--log-every", type=int, default=50, help="a progress line every this many steps")
-    a("--measure-memory", action="store_true", help="measure peak memory and step time on "
-      "random tensors, then exit")
+    a("--measure-memory", action="store_true", help="peak memory and step time, then exit")
     return p.parse_args(argv)
 
 
@@ -1841,8 +1742,8 @@ def pick_device(args):
 
 def interrupted(signum, frame):
     """SIGINT or SIGTERM (a scheduler's notice): stop as Ctrl-C does, and swallow any further
-    signal, so that one message is printed however many arrive. (Not SIG_IGN: a signal already
-    on its way would then raise "ignored due to race condition".)"""
+    signal, so that one message is printed however many arrive (SIG_IGN would not do: a signal
+    already on its way then raises "ignored due to race condition")."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     raise KeyboardInterrupt
@@ -1927,9 +1828,6 @@ def build(args, device, rank, world):
         raise ConfigError(f"--module-parallel trains module i in process i: K = {len(ends) + 1} "
                           f"needs torchrun --nproc_per_node {len(ends) + 1} (and K > 1), not "
                           f"{world} process{'es' * (world > 1)}")
-    if args.pretrained:  # before the data: a refused --pretrained must not start a download
-        check_pretrained(args)
-        load_torchvision_weights(backbone, pretrained_state_dict(args.arch), with_head=False)
     data = None
     if not args.measure_memory:  # one process downloads, the others then read
         replicas = 1 if args.module_parallel else world
@@ -1959,16 +1857,6 @@ def build(args, device, rank, world):
     return net.to(device), data, num_classes
 
 
-def check_pretrained(args):
-    shape = dict(embed_dim=ARCHS[args.arch].embed_dim, depths=ARCHS[args.arch].depths,
-                 heads=ARCHS[args.arch].heads, patch_size=PAPER.patch_size,
-                 window_size=PAPER.window_size, img_size=PAPER.img_size)
-    if any(getattr(args, key) not in (None, value) for key, value in shape.items()):
-        raise ConfigError(f"--pretrained: torchvision's weights are for {args.arch} as published, "
-                          "at 224 px; drop --img-size, --patch-size, --window-size, --embed-dim, "
-                          "--depths and --heads")
-
-
 def load_data(args, world):
     """(train, val or None, test) ImageSets, the validation split held out of the training set."""
     train_set, test_set = make_datasets(args.dataset, args.data_dir, args.img_size,
@@ -1985,7 +1873,7 @@ def describe(net, lr, device, args, world):
     millions = [sum(p.numel() for p in part.parameters()) / 1e6 for part in (net.backbone, net.aux)]
     kind = "end-to-end" if len(net.specs) == 1 else f"method {net.method}"
     print(f"Swin: {millions[0]:.2f} M parameters, auxiliary blocks {millions[1]:.2f} M | "
-          f"K={len(net.specs)} {kind} | lr {lr:.2e} | device {device}")
+          f"K={len(net.specs)} {kind} | lr {lr:.2e} | device {device} x {world}")
     bounds = (0, *net.ends, sum(len(stage) for stage in net.backbone.stages))
     for i, (spec, loss) in enumerate(zip(net.specs, [*net.aux, None])):  # blocks bounds[i]+1 ..
         what = "cross-entropy (eq. 3)" if loss is None else "cross-entropy"
@@ -1994,16 +1882,12 @@ def describe(net, lr, device, args, world):
         shapes = f"{spec.in_res}x{spec.in_res}x{spec.in_dim} -> {spec.out_res}x{spec.out_res}x"
         print(f"  module {i + 1}: blocks {bounds[i] + 1}-{bounds[i + 1]} | {shapes}{spec.out_dim} "
               f"| {what}")
-    if device.type == "cpu" and args.img_size > 64 and not args.measure_memory:
-        print(f"on a CPU, {args.img_size}-px training is slow; the README's small setting "
-              "(Fashion-MNIST at 32 px) learns in minutes")
     if args.module_parallel:
         print(f"module parallel: {world} processes, process i trains module i on x_(i-1) from "
-              "process i-1 and passes x_i on; evaluation on process 0 after each epoch")
+              "process i-1 and passes x_i on; process 0 evaluates")
     elif world > 1:
         print(f"data parallel: {world} processes x batch {args.batch_size} = global batch "
-              f"{args.batch_size * world}, lr {lr:.2e}; the contrastive loss and BatchNorm see "
-              "each process's own batch")
+              f"{args.batch_size * world}; the contrastive loss and BatchNorm see each one's own")
 
 
 def measure(args, net, modules, optimizers, scalers, device, amp_dtype, world, num_classes):
@@ -2014,7 +1898,7 @@ def measure(args, net, modules, optimizers, scalers, device, amp_dtype, world, n
     figures.update(run_info(args, net, device, optimizers, world))
     if torch.distributed.is_initialized() and torch.distributed.get_rank():
         return 0
-    write_json(os.path.join(args.out, "results.json"), figures)
+    write_text(os.path.join(args.out, "results.json"), json.dumps(figures, indent=2))
     print(f"peak training memory {figures['peak_memory_mib']:.0f} MiB (activations etc. above "
           f"parameters and optimizer state: {figures['activation_memory_mib']:.0f} MiB) | "
           f"{figures['step_gflop']:.1f} GFLOP, {figures['step_time_s']:.3f} s per step "
