@@ -108,15 +108,16 @@ cpu-table)
                    [ours-k4-lambdas-x3]="--k 4 --lambdas 9,4.5,0" [infopro-k4-lambdas-x3]="--k 4 --method infopro --lambdas 9,4.5,0"
                    [ours-k4-tau0.2]="--k 4 --temperature 0.2" [ours-k4-bf16]="--k 4 --amp bf16"
                    [ours-k8]="--k 8" [infopro-k8]="--k 8 --method infopro" [greedy-ce-k8]="--k 8 --method greedy-ce"
+                   [ours-k8-lambdas3]="--k 8 --lambdas 3,3,3,3,3,3,3"
                    [greedy-contrast-k8]="--k 8 --method greedy-contrast" [infopro-k2]="--k 2 --method infopro"
                    [greedy-ce-k2]="--k 2 --method greedy-ce" [greedy-contrast-k2]="--k 2 --method greedy-contrast")
   for name in ${ROWS:-e2e ours-k4 infopro-k4 greedy-ce-k4 greedy-contrast-k4 ours-k2 ours-k4-deconv ours-k4-deconv4 \
                ours-k4-lambdas321 infopro-k4-lambdas321 ours-k4-lambdas-x3 infopro-k4-lambdas-x3 \
-               ours-k4-tau0.2 ours-k4-bf16 ours-k8 infopro-k8 greedy-contrast-k8 greedy-ce-k8 \
+               ours-k4-tau0.2 ours-k4-bf16 ours-k8 infopro-k8 greedy-contrast-k8 greedy-ce-k8 ours-k8-lambdas3 \
                infopro-k2 greedy-contrast-k2 greedy-ce-k2}; do
     [[ -n "${rows[$name]:-}" ]] || { echo "cpu-table: no row $name; rows: ${!rows[*]}"; exit 2; }
     seeds=${SEEDS:-0 1 2}
-    [[ $name == *-k4-* ]] && seeds=${SEEDS:-0}  # a row's variants (decoder, weights, temperature, precision): one seed each
+    [[ $name == *-k[48]-* ]] && seeds=${SEEDS:-0}  # a row's variants: one seed each
     for seed in $seeds; do
       row "$name-s$seed" "${small[@]}" --epochs "${EPOCHS:-10}" --crop-scale 0.8 --val-split 0.1 --seed "$seed" ${rows[$name]}
     done

@@ -922,15 +922,20 @@ def test_cli_balanced_split(split, tmp_path, capsys):
 
 
 def test_time_split_gives_a_slow_block_a_module_of_its_own(monkeypatch):
-    """--split time measures each block: with block 7 of 12 made slow (0.2 s a call), the
-    pipeline is fastest with block 7 alone in module 2."""
+    """--split time measures each block: with block 7 of 12 made slow (0.5 s a call, far above
+    the rest even on a busy machine), the pipeline is fastest with block 7 alone in module 2."""
     torch.manual_seed(0)
     backbone = L.build_model("swin-t", 10, **SMALL)  # depths 2, 2, 6, 2
     slow, forward = backbone.stages[2][2], backbone.stages[2][2].forward
-    monkeypatch.setattr(slow, "forward", lambda x: (time.sleep(0.2), forward(x))[1])
-    ends, shares = L.balanced_split(
-        backbone, 3, [3.0, 1.5], batch_size=8, device=torch.device("cpu"), by="time"
-    )
+    monkeypatch.setattr(slow, "forward", lambda x: (time.sleep(0.5), forward(x))[1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a busy machine, threads that wait for each other swamp the timing
+    try:
+        ends, shares = L.balanced_split(
+            backbone, 3, [3.0, 1.5], batch_size=2, device=torch.device("cpu"), by="time"
+        )
+    finally:
+        torch.set_num_threads(threads)
     assert ends == (6, 7) and max(shares) == shares[1], (ends, shares)
     assert sum(shares) == pytest.approx(1)
 
