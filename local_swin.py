@@ -687,41 +687,67 @@ def make_optimizers(modules, *, lr, weight_decay, total_steps, warmup_steps):
 # line. None of it changes what the method computes.
 # =============================================================================================
 
-# ---- Importing torchvision's weights: the parity check ---------------------------------------
+# ---- Importing torchvision's weights: the parity check, and --pretrained --------------------
 
 def torchvision_key(key):
-    """The name torchvision's Swin gives the tensor our state_dict calls `key`."""
+    """The name torchvision's swin_t/s/b gives the tensor our state_dict calls `key`."""
     key = re.sub(r"^stages\.(\d+)\.", lambda m: f"features.{2 * int(m[1]) + 1}.", key)
     key = re.sub(r"^merges\.(\d+)\.", lambda m: f"features.{2 * int(m[1]) + 2}.", key)
     key = key.replace(".mlp.2.", ".mlp.3.")  # torchvision's MLP has a Dropout after the GELU
-    renames = {"patch_embed.proj.": "features.0.0.", "patch_embed.norm.": "features.0.2.",
-               "head.norm.": "norm.", "head.fc.": "head."}
-    for ours, theirs in renames.items():
+    renames = (("patch_embed.proj.", "features.0.0."), ("patch_embed.norm.", "features.0.2."),
+               ("head.norm.", "norm."), ("head.fc.", "head."))
+    for ours, theirs in renames:
         if key.startswith(ours):
             return theirs + key[len(ours):]
     return key
 
 
-def load_torchvision_weights(model, state_dict):
-    """Copy the weights of torchvision's Swin (swin_t/s/b, or one built to our shapes) into
-    ours, as nanoGPT's from_pretrained does: every tensor mapped, counts and shapes checked.
-    Our relative-position index is recomputed, and must be the one torchvision stored."""
-    theirs = {k: v for k, v in state_dict.items() if not k.endswith("relative_position_index")}
-    if len(model.state_dict()) != len(theirs):
-        raise ConfigError(f"our model has {len(model.state_dict())} tensors, the torchvision "
-                          f"state_dict {len(theirs)}: not the same architecture")
+def load_torchvision_weights(model, state_dict, with_head=True):
+    """Copy the weights of torchvision's swin_t/swin_s/swin_b into our model (as nanoGPT's
+    from_pretrained does): every key mapped, counts and shapes checked, copied without grad.
+    with_head=False leaves our classifier (sized for another data set's classes) as it is."""
+    ours = {k: v for k, v in model.state_dict().items()
+            if with_head or not k.startswith("head.fc.")}
+    theirs = {k: v for k, v in state_dict.items()
+              if not k.endswith("relative_position_index")
+              and (with_head or not k.startswith("head."))}
+    if len(ours) != len(theirs):
+        raise ConfigError(f"our model has {len(ours)} tensors, the torchvision state_dict "
+                          f"{len(theirs)}: not the same architecture")
     with torch.no_grad():
-        for key, tensor in model.state_dict().items():
+        for key, tensor in ours.items():
             source = theirs.get(torchvision_key(key))
-            if source is None or source.shape != tensor.shape:  # copy_ would broadcast
-                found = "nothing" if source is None else tuple(source.shape)
-                raise ConfigError(f"{key}: {tuple(tensor.shape)} expected at "
-                                  f"{torchvision_key(key)}, {found} found")
+            if source is None or source.shape != tensor.shape:
+                found = "missing" if source is None else tuple(source.shape)
+                raise ConfigError(f"{key}: expected {tuple(tensor.shape)} at "
+                                  f"{torchvision_key(key)}, found {found}")
             tensor.copy_(source)
+    # We recompute the relative-position index; it must be the one torchvision stored.
     for name, buffer in model.named_buffers():
-        if name.endswith("relative_position_index"):
-            assert torch.equal(buffer.flatten(), state_dict[torchvision_key(name)].flatten())
+        stored = state_dict.get(torchvision_key(name))
+        if name.endswith("relative_position_index") and stored is not None:
+            assert torch.equal(buffer.flatten(), stored.flatten().to(buffer.device))
     return model
+
+
+TORCHVISION_WEIGHTS = {"swin-t": "Swin_T_Weights", "swin-s": "Swin_S_Weights",
+                       "swin-b": "Swin_B_Weights"}
+
+
+def pretrained_state_dict(arch):
+    """torchvision's ImageNet-1k weights for `arch`, fetched once through its weights API."""
+    if arch not in TORCHVISION_WEIGHTS:
+        raise ConfigError("--pretrained: torchvision has ImageNet weights for "
+                          f"{', '.join(TORCHVISION_WEIGHTS)} only")
+    from torchvision.models import get_weight
+    weights = get_weight(f"{TORCHVISION_WEIGHTS[arch]}.IMAGENET1K_V1")
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), a damaged file
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise ConfigError(f"--pretrained: could not fetch {weights.url} "
+                          f"({getattr(e, 'reason', e)}); torchvision caches weights in {cache}: "
+                          f"put {os.path.basename(weights.url)} there to use them offline")
 
 
 # ---- Memory: the paper's headline claim, measured the same way on every device -------------
@@ -1493,6 +1519,8 @@ def finish(run):
     images/s, the full config."""
     results, peaks = {}, [run.peak_bytes]
     if run.world > 1:  # every process's peak; the largest is the run's
+        if run.stage is None:
+            results["ranks_identical"] = ranks_identical(run.net)
         peaks = [None] * run.world
         torch.distributed.all_gather_object(peaks, run.peak_bytes)
         results["peak_memory_per_process_mib"] = [p and p / 2**20 for p in peaks]
@@ -1555,6 +1583,18 @@ def distribute(modules, device):
     # for a 1x1 kernel, but DDP compares strides and warns on every step.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return [nn.parallel.DistributedDataParallel(m, device_ids=device_ids) for m in modules]
+
+
+@torch.no_grad()
+def ranks_identical(net):
+    """Under DDP: does every process hold exactly rank 0's parameters? (Checked at the end.)"""
+    same = torch.ones((), device=next(net.parameters()).device)
+    for p in net.parameters():
+        reference = p.detach().clone()
+        torch.distributed.broadcast(reference, src=0)
+        same *= torch.equal(reference, p)
+    torch.distributed.all_reduce(same, op=torch.distributed.ReduceOp.MIN)
+    return bool(same.item())
 
 
 def broadcast_object(obj):
@@ -1659,6 +1699,7 @@ def parse_args(argv=None):
     a("--depths", type=int_list, help="blocks per stage, e.g. 2,2,6,2 (default: the arch's)")
     a("--heads", type=int_list, help="heads per stage, e.g. 3,6,12,24 (default: the arch's)")
     a("--drop-path", type=float, help="stochastic depth rate of the last block (default: arch's)")
+    a("--pretrained", action="store_true", help="start from torchvision's ImageNet weights")
     a("--k", type=int, help=f"gradient-isolated modules K (default {d.k}; 1 is end-to-end)")
     a("--split", default="paper", help="paper (design note 3), balanced (the largest module as "
       "small as possible, measured), time (the slowest module as fast as possible, measured: "
@@ -1684,10 +1725,12 @@ def parse_args(argv=None):
     a("--module-parallel", action="store_true", help="under torchrun with K processes: process "
       "i trains module i, passing x_i on (default: data parallel)")
     a("--seed", type=int, default=0, help="the same seed gives the same run")
-    a("--out", help="output folder (default runs/DATASET-ARCH-kK-METHOD)")
+    a("--out", help="output folder (default runs/DATASET-ARCH-kK-METHOD, or "
+      "runs/memory-ARCH-kK-METHOD-bBATCH)")
     a("--resume", action="store_true", help="continue the run in --out from its last.pt")
     a("--overwrite", action="store_true", help="replace the run in --out")
-    a("--max-steps", type=int, help="stop after this many steps (--measure-memory: steps timed)")
+    a("--max-steps", type=int, help="stop after this many steps in all (--measure-memory: "
+      "steps timed, default 3)")
     a("--log-every", type=int, default=50, help="a progress line every this many steps")
     a("--measure-memory", action="store_true", help="peak memory and step time, then exit")
     return p.parse_args(argv)
@@ -1828,6 +1871,9 @@ def build(args, device, rank, world):
         raise ConfigError(f"--module-parallel trains module i in process i: K = {len(ends) + 1} "
                           f"needs torchrun --nproc_per_node {len(ends) + 1} (and K > 1), not "
                           f"{world} process{'es' * (world > 1)}")
+    if args.pretrained:  # before the data: a refused --pretrained must not start a download
+        check_pretrained(args)
+        load_torchvision_weights(backbone, pretrained_state_dict(args.arch), with_head=False)
     data = None
     if not args.measure_memory:  # one process downloads, the others then read
         replicas = 1 if args.module_parallel else world
@@ -1857,6 +1903,16 @@ def build(args, device, rank, world):
     return net.to(device), data, num_classes
 
 
+def check_pretrained(args):
+    shape = dict(embed_dim=ARCHS[args.arch].embed_dim, depths=ARCHS[args.arch].depths,
+                 heads=ARCHS[args.arch].heads, patch_size=PAPER.patch_size,
+                 window_size=PAPER.window_size, img_size=PAPER.img_size)
+    if any(getattr(args, key) not in (None, value) for key, value in shape.items()):
+        raise ConfigError(f"--pretrained: torchvision's weights are for {args.arch} as published, "
+                          "at 224 px; drop --img-size, --patch-size, --window-size, --embed-dim, "
+                          "--depths and --heads")
+
+
 def load_data(args, world):
     """(train, val or None, test) ImageSets, the validation split held out of the training set."""
     train_set, test_set = make_datasets(args.dataset, args.data_dir, args.img_size,
@@ -1873,7 +1929,7 @@ def describe(net, lr, device, args, world):
     millions = [sum(p.numel() for p in part.parameters()) / 1e6 for part in (net.backbone, net.aux)]
     kind = "end-to-end" if len(net.specs) == 1 else f"method {net.method}"
     print(f"Swin: {millions[0]:.2f} M parameters, auxiliary blocks {millions[1]:.2f} M | "
-          f"K={len(net.specs)} {kind} | lr {lr:.2e} | device {device} x {world}")
+          f"K={len(net.specs)} {kind} | lr {lr:.2e} | device {device}")
     bounds = (0, *net.ends, sum(len(stage) for stage in net.backbone.stages))
     for i, (spec, loss) in enumerate(zip(net.specs, [*net.aux, None])):  # blocks bounds[i]+1 ..
         what = "cross-entropy (eq. 3)" if loss is None else "cross-entropy"
@@ -1882,6 +1938,9 @@ def describe(net, lr, device, args, world):
         shapes = f"{spec.in_res}x{spec.in_res}x{spec.in_dim} -> {spec.out_res}x{spec.out_res}x"
         print(f"  module {i + 1}: blocks {bounds[i] + 1}-{bounds[i + 1]} | {shapes}{spec.out_dim} "
               f"| {what}")
+    if device.type == "cpu" and args.img_size > 64 and not args.measure_memory:
+        print(f"on a CPU, {args.img_size}-px training is slow; the README's small setting "
+              "(Fashion-MNIST at 32 px) learns in minutes")
     if args.module_parallel:
         print(f"module parallel: {world} processes, process i trains module i on x_(i-1) from "
               "process i-1 and passes x_i on; process 0 evaluates")

@@ -119,6 +119,50 @@ def test_parity_with_torchvision_small_config():
         )
 
 
+def test_weights_without_the_head_for_another_data_set():
+    torch.manual_seed(0)
+    theirs = torchvision.models.swin_t()  # 1000 ImageNet classes
+    ours = L.build_model("swin-t", 10)
+    head_before = ours.head.fc.weight.clone()
+    L.load_torchvision_weights(ours, theirs.state_dict(), with_head=False)
+    assert torch.equal(ours.head.fc.weight, head_before)
+    assert torch.equal(ours.head.norm.weight, theirs.norm.weight)
+    assert torch.equal(ours.stages[2][5].mlp[2].weight, theirs.features[5][5].mlp[3].weight)
+    assert torch.equal(ours.patch_embed.proj.weight, theirs.features[0][0].weight)
+
+
+def test_pretrained_offline_fails_with_one_line(tmp_path, capsys, monkeypatch):
+    from urllib.error import URLError
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(
+        torchvision.models._api, "load_state_dict_from_url", offline
+    )  # what get_state_dict calls
+    code = L.main(["--pretrained", "--measure-memory", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert (
+        code != 0 and err.count("\n") == 1 and "could not fetch" in err and "checkpoints" in err
+    ), err
+    # Refused before the data set is touched (it used to start downloading CIFAR-10 first).
+    code = L.main(
+        [
+            "--pretrained",
+            "--arch",
+            "swin-l",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert (
+        code != 0 and "ImageNet weights for swin-t" in err and not (tmp_path / "data").exists()
+    ), err
+
+
 @pytest.mark.parametrize("resolution,window,shift", [(8, 4, 2), (12, 4, 2), (14, 7, 3), (6, 3, 1)])
 def test_shift_mask_matches_brute_force(resolution, window, shift):
     """Two tokens of a shifted window may attend to each other iff the cyclic shift did not wrap
@@ -1010,12 +1054,14 @@ def test_data_parallel_keeps_every_process_identical(tmp_path):
 
 
 def test_cli_under_torchrun(tmp_path):
-    """The command line on synthetic with 2 gloo processes (and --checkpoint); rank 0 alone
-    speaks and writes."""
+    """The command line on synthetic with 2 gloo processes (and --checkpoint): at the end, every
+    process holds rank 0's parameters exactly (checked by broadcasting them); rank 0 alone speaks.
+    """
     cli = [os.path.join(HERE, "local_swin.py"), *TINY_CLI, "--batch-size", "32", "--epochs", "1"]
     done = torchrun(cli + ["--max-steps", "4", "--checkpoint", "--out", str(tmp_path)])
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
+    assert results["ranks_identical"] is True
     assert results["world_size"] == 2 and results["steps"] == 4 and results["global_batch"] == 64
     assert results["lr"] == pytest.approx(2e-3)
     assert (
@@ -1201,6 +1247,10 @@ BAD_INPUTS = [
     (["--decoder", "magic", "--k", "1"], "unknown --decoder"),
     (["--temperature", "0"], "--temperature"),
     (["--amp", "fp16", "--device", "cpu"], "needs CUDA"),
+    (
+        ["--pretrained", "--embed-dim", "16"],
+        "--pretrained: torchvision's weights are for swin-t as published",
+    ),
     # Every flag with a range: the list is the documentation of what is refused.
     (["--lr", "0"], "--lr 0.0: must be positive"),
     (["--lr", "nan"], "--lr nan: must be positive and finite"),
