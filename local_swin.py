@@ -877,7 +877,8 @@ def measure_memory(net, optimizers, *, batch_size, num_classes, device, steps=3,
 
 def min_max_split(n, k, cost):
     """The ends b_1 < ... < b_{K-1} of K modules over n blocks that minimise the largest
-    cost(i, a, b) (module i + 1 holding blocks a+1 .. b): a dynamic program."""
+    cost(i, a, b) (module i + 1 holding blocks a+1 .. b): a dynamic program over (modules
+    placed, blocks covered), each later module left at least a block."""
     best = {(0, 0): (0, ())}  # (modules placed, blocks covered) -> (largest cost, ends)
     for i in range(k):
         covers = [n] if i == k - 1 else range(i + 1, n - (k - 1 - i) + 1)
@@ -889,7 +890,8 @@ def min_max_split(n, k, cost):
 
 
 def bytes_kept(memory, layers, x):
-    """(The bytes `layers` keep for backward on x, output included; the output, detached.)"""
+    """The bytes `layers` keep for backward on input x (their output included), and the output,
+    detached: the graph dies on return, so a search holds one block's graph at a time."""
     with memory.region():
         before = memory.live_bytes()
         out = layers(x)
@@ -1036,17 +1038,19 @@ def image_files(folder, img_size):
     seen, skipped = set(), collections.Counter()
 
     def wanted(path):
-        extension = os.path.splitext(path)[1].lower() or "no extension"
-        if os.path.realpath(path) in seen or not os.path.isfile(path):  # isfile: not a loop's end
+        real = os.path.realpath(path)
+        if real in seen or not os.path.isfile(path):  # a symlink loop ends in what is no file
             return False
-        seen.add(os.path.realpath(path))
-        skipped[extension] += extension not in datasets.folder.IMG_EXTENSIONS
+        seen.add(real)
+        extension = os.path.splitext(path)[1].lower() or "no extension"
+        if extension not in datasets.folder.IMG_EXTENSIONS:
+            skipped[extension] += 1
         return extension in datasets.folder.IMG_EXTENSIONS
 
     resize = v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True)])
     files = datasets.ImageFolder(folder, resize, loader=read_image, is_valid_file=wanted)
-    if skipped.total():
-        counts = ", ".join(f"{n} {ext}" for ext, n in sorted(skipped.items()) if n)
+    if skipped:
+        counts = ", ".join(f"{n} {ext}" for ext, n in sorted(skipped.items()))
         print(f"{folder}: skipped {skipped.total()} files that are not images of a known "
               f"extension ({counts})", flush=True)
     return files
@@ -1713,7 +1717,8 @@ def parse_args(argv=None):
     a("--warmup-epochs", type=int, help="linear warm-up before the cosine (default: epochs / 15)")
     a("--batch-size", type=int, default=d.batch_size, help="images per step and process")
     a("--lr", type=float, help=f"peak learning rate (default {d.lr_per_512} x global batch / 512)")
-    a("--weight-decay", type=float, default=d.weight_decay, help="AdamW's (not on biases, norms)")
+    a("--weight-decay", type=float, default=d.weight_decay, help="AdamW's (not on biases, "
+      "norms, position tables)")
     a("--label-smoothing", type=float, default=d.label_smoothing, help="of every cross-entropy")
     a("--clip-grad", type=float, default=d.clip_grad, help="gradient norm clipping, per module")
     a("--val-split", type=float, default=0.0, help="share of the training set held out")
@@ -1946,7 +1951,8 @@ def describe(net, lr, device, args, world):
               "process i-1 and passes x_i on; process 0 evaluates")
     elif world > 1:
         print(f"data parallel: {world} processes x batch {args.batch_size} = global batch "
-              f"{args.batch_size * world}; the contrastive loss and BatchNorm see each one's own")
+              f"{args.batch_size * world}; the contrastive loss and BatchNorm see each "
+              "process's part")
 
 
 def measure(args, net, modules, optimizers, scalers, device, amp_dtype, world, num_classes):
