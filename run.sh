@@ -339,21 +339,26 @@ for name, ends in (("e2e", ()), ("ours-k4", (2, 4, 10))):
 EOF
   ;;
 gpu)
-  "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null \
-    || { echo "run.sh gpu: no CUDA device here (torch.cuda.is_available() is False)"; exit 2; }
   # Everything one GPU can show, in about 8 minutes, into runs/gpu/DATE-TIME/gpu.json, written again after every
   # row (a row that fails, e.g. out of memory at batch 128, is recorded as failed and the next one runs): the memory
   # table (torch.cuda.max_memory_allocated) in fp32 and bf16, step time and images/s at batch 128; which SDPA kernel
   # our windows' attention takes (bias and mask as attn_mask) in fp32 and bf16, in training (mask with gradient) and
   # in evaluation; and how far one configuration run twice differs (CUDA's bilinear-upsampling backward and cuDNN
   # convolutions are not deterministic): the tolerance a CUDA run of --module-parallel can be held to.
-  # Extra flags go to every local_swin.py run, e.g. `bash run.sh gpu --device cuda:1`.
+  # Extra flags go to every local_swin.py run, e.g. `bash run.sh gpu --device cuda:1`. A rehearsal of the whole script
+  # on a CPU, in about 6 minutes (before spending GPU time on a change to it): `bash run.sh gpu --device cpu --img-size 32
+  # --window-size 4 --embed-dim 32 --depths 2,2,2,2 --heads 1,2,4,8`.
   group=$group/$(date +%Y%m%d-%H%M%S)  # a benchmark measures afresh each time, beside the earlier ones
-  mkdir -p "runs/$group"
   "$py" - "runs/$group" "${extra[@]}" <<'EOF'
-import json, subprocess, sys, torch, local_swin as L
+import json, os, subprocess, sys, torch, local_swin as L
 out, extra = sys.argv[1], sys.argv[2:]
-record = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "failed": []}
+device = torch.device(L.parse_args(extra).device or "cuda")
+if device.type == "cuda" and not torch.cuda.is_available():
+    print("run.sh gpu: no CUDA device here (torch.cuda.is_available() is False)", file=sys.stderr)
+    sys.exit(2)
+os.makedirs(out)
+card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device} (a rehearsal)"
+record = {"device": card, "torch": torch.__version__, "failed": []}
 def save():
     json.dump(record, open(f"{out}/gpu.json", "w"), indent=2)
 def cli(name, *args):  # one local_swin.py run into out/name: its results.json, or None (recorded) if it failed
@@ -382,26 +387,27 @@ for amp in ("none", "bf16"):
                 save()
 # Which SDPA kernel runs: a stage-1 shifted-window attention of Swin-T at batch 32, in training (forward and
 # backward, the mask carrying the bias's gradient) and in evaluation (no gradient: cuDNN attention becomes eligible).
-attn = L.WindowAttention(dim=96, heads=3, resolution=56, window=7, shift=3).cuda()
+attn = L.WindowAttention(dim=96, heads=3, resolution=56, window=7, shift=3).to(device)
+activity = getattr(torch.profiler.ProfilerActivity, "CUDA" if device.type == "cuda" else "CPU")
 words = ("attention", "fmha", "flash", "sdpa", "softmax", "cudnn", "efficient")
 for dtype in (torch.float32, torch.bfloat16):
     for mode in ("train", "eval"):
-        x = torch.randn(32, 56, 56, 96, device="cuda", requires_grad=mode == "train")
+        x = torch.randn(32, 56, 56, 96, device=device, requires_grad=mode == "train")
         try:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                with torch.autocast("cuda", dtype=dtype, enabled=dtype is not torch.float32), \
+            with torch.profiler.profile(activities=[activity]) as prof:
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not torch.float32), \
                         torch.set_grad_enabled(mode == "train"):
                     y = attn(x)
                 if mode == "train":
                     y.float().sum().backward()
-                torch.cuda.synchronize()
+                torch.cuda.synchronize() if device.type == "cuda" else None
             names = sorted({e.name for e in prof.events() if any(w in e.name.lower() for w in words)})
         except RuntimeError as e:
             names = [f"failed: {str(e).splitlines()[0][:200]}"]
         record[f"sdpa kernels, stage-1 SW-MSA, {str(dtype).split('.')[-1]}, {mode}"] = names
         save()
 from torch.nn.attention import SDPBackend, sdpa_kernel
-x = torch.randn(32, 56, 56, 96, device="cuda", requires_grad=True)
+x = torch.randn(32, 56, 56, 96, device=device, requires_grad=True)
 for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
     try:
         with sdpa_kernel(backend):
@@ -413,7 +419,7 @@ save()
 # The same run twice on this card: the largest difference CUDA's nondeterministic kernels alone make.
 small = ["--dataset", "synthetic", "--img-size", "32", "--patch-size", "2", "--window-size", "4", "--embed-dim", "32",
          "--depths", "2,2,2,2", "--heads", "1,2,4,8", "--epochs", "1", "--batch-size", "64", "--k", "4", "--log-every", "8"]
-runs = {name: cli(name, *small, "--device", "cuda:0") for name in ("one-device", "one-device-again")}
+runs = {name: cli(name, *small, "--device", str(device)) for name in ("one-device", "one-device-again")}
 if all(r is not None for r in runs.values()):
     loss = {n: [v for line in open(f"{out}/{n}/log.jsonl") for v in json.loads(line)["train_loss"]] for n in runs}
     record["the same run twice: largest train-loss difference"] = max(
