@@ -400,7 +400,8 @@ for dtype in (torch.float32, torch.bfloat16):
                     y = attn(x)
                 if mode == "train":
                     y.float().sum().backward()
-                torch.cuda.synchronize() if device.type == "cuda" else None
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
             names = sorted({e.name for e in prof.events() if any(w in e.name.lower() for w in words)})
         except RuntimeError as e:
             names = [f"failed: {str(e).splitlines()[0][:200]}"]
