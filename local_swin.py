@@ -1835,8 +1835,10 @@ def run(args):
         raise ConfigError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
     replicas = 1 if args.module_parallel else world  # data parallel: its processes
     # Module parallel: every process steps every module's schedule (last.pt keeps them all),
-    # though it steps only its own module's optimizer.
-    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+    # though it steps only its own module's optimizer. (torch 2.6-2.8's SequentialLR warns about
+    # its own step(0) at the end of the warm-up: the same schedule, a line on every run.)
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`"
+                            r"|The epoch parameter in `scheduler\.step\(\)`")
     net, data, num_classes = build(args, device, rank, world)
     lock = on_rank0_first(lambda: take_folder(args), rank, world, others=False)
     try:
