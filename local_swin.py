@@ -1834,9 +1834,9 @@ def run(args):
     if amp_dtype is torch.float16 and device.type != "cuda":
         raise ConfigError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
     replicas = 1 if args.module_parallel else world  # data parallel: its processes
-    # Module parallel: every process steps every module's schedule (last.pt keeps them all),
-    # though it steps only its own module's optimizer. (torch 2.6-2.8's SequentialLR warns about
-    # its own step(0) at the end of the warm-up: the same schedule, a line on every run.)
+    # Two warnings about a schedule that is right: module parallel steps every module's schedule
+    # (last.pt keeps them all) but only its own optimizer; torch 2.8's SequentialLR warns about
+    # its own step(0) at the end of the warm-up.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`"
                             r"|The epoch parameter in `scheduler\.step\(\)`")
     net, data, num_classes = build(args, device, rank, world)

@@ -1724,8 +1724,8 @@ def test_reconstruction_pictures_of_a_tiny_run(method, panels, tmp_path, capsys)
 
 
 class OutputDevices(TorchDispatchMode):
-    """Records the device of every tensor an operator returns, but for empty ones, which move
-    no data (torch 2.8's checkpoint makes an empty CPU placeholder)."""
+    """Records the device of every tensor an operator returns, except empty ones: they move no
+    data (torch 2.8's checkpoint makes an empty CPU placeholder)."""
 
     def __init__(self):
         super().__init__()
