@@ -16,6 +16,8 @@
 #   large     Swin-B and Swin-L at 384 px (window 12; Swin-L with a batch of 80): memory, then CIFAR-10 training
 #   gpu       one GPU, under 8 minutes: memory in fp32 and bf16, step time at batch 128, SDPA's kernel, determinism
 #   scaling   needs 4 GPUs: images/s and memory per GPU of E2E and K=4 on one GPU against K=4 with a GPU per module
+#   same-numbers LABEL: short runs of every method and path; prints their numbers (no times) for a diff, before
+#             and after a refactor: `diff runs/same-numbers/A/numbers.txt runs/same-numbers/B/numbers.txt`
 #
 # Extra flags after the group go to every command, e.g. `bash run.sh table3 --epochs 100 --amp bf16`.
 # MEMORY_BATCH (default 32) sets the batch of the memory group.
@@ -484,8 +486,45 @@ for name in sorted(os.listdir(sys.argv[1])):
           + " ".join(f"{p:.0f}" for p in peaks) + " |")
 EOF
   ;;
+same-numbers)
+  # A refactor changes no number: every train/val/test loss and accuracy of these short runs, the balanced split,
+  # its peak memory and its FLOPs, identical before and after. One thread, so that the sums are taken in one order.
+  label=${extra[0]:?"same-numbers LABEL"}; extra=("${extra[@]:1}"); group=$group/$label
+  export OMP_NUM_THREADS=1
+  t=(--dataset synthetic --img-size 32 --patch-size 2 --window-size 4 --embed-dim 16 --depths 2,2,2 --heads 1,2,4
+     --batch-size 64 --workers 0 --warmup-epochs 1 --lr 2e-3 --log-every 8 --epochs 2 --val-split 0.2)
+  for method in ours infopro greedy-ce greedy-contrast; do row "$method-k3" "${t[@]}" --k 3 --method $method; done
+  row e2e "${t[@]}" --k 1
+  row checkpoint-droppath "${t[@]}" --k 3 --checkpoint --drop-path 0.3
+  row deconv4-bf16 "${t[@]}" --k 3 --decoder deconv4 --amp bf16
+  "$py" -c '
+import os, sys, numpy as np; from PIL import Image
+rng = np.random.default_rng(0)
+for split, n in (("train", 160), ("val", 40)):
+    for c in range(2):
+        os.makedirs(f"{sys.argv[1]}/{split}/c{c}", exist_ok=True)
+        for i in range(n):
+            pixels = rng.integers(0, 120, (40, 40, 3)) + 100 * c
+            Image.fromarray(pixels.astype(np.uint8)).save(f"{sys.argv[1]}/{split}/c{c}/{i}.png")
+' "runs/$group/pngs"
+  row imagefolder "${t[@]/synthetic/imagefolder}" --data-dir "runs/$group/pngs" --workers 2 --k 3 --batch-size 32
+  row balanced-memory "${t[@]}" --k 3 --split balanced --measure-memory
+  row small-30-steps "${small[@]}" --k 4 --epochs 10 --crop-scale 0.8 --val-split 0.1 --max-steps 30
+  "$py" - "runs/$group" > "runs/$group/numbers.txt" <<'EOF'
+import json, os, sys
+timed = ("time", "second", "wall", "config", "torch")  # fields that differ run to run, or name the code
+for name in sorted(os.listdir(sys.argv[1])):
+    path = f"{sys.argv[1]}/{name}/log.jsonl"
+    for line in open(path).read().splitlines() if os.path.exists(path) else []:
+        print(name, {k: v for k, v in json.loads(line).items() if not any(t in k for t in timed)})
+    path = f"{sys.argv[1]}/{name}/results.json"
+    if os.path.exists(path):
+        print(name, {k: v for k, v in json.load(open(path)).items() if not any(t in k for t in timed)})
+EOF
+  cat "runs/$group/numbers.txt"
+  ;;
 *)
-  sed -n '2,15p' "$0"
+  sed -n '2,17p' "$0"
   exit 2
   ;;
 esac
