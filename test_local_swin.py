@@ -774,11 +774,7 @@ def test_summary_prints_curves_and_rows(tmp_path):
                 }
             )
         )
-    done = subprocess.run(
-        ["bash", os.path.join(HERE, "run.sh"), "summary", str(tmp_path)],
-        capture_output=True,
-        text=True,
-    )
+    done = run_sh("summary", str(tmp_path))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert "| 2 | 80.00 | 84.00 | 78.00 |" in lines
@@ -1003,6 +999,19 @@ for _ in range(3):
 torch.save({name: p.detach() for name, p in net.named_parameters()}, f"{sys.argv[1]}/rank{rank}.pt")
 torch.distributed.destroy_process_group()
 """
+
+
+def run_sh(*args, timeout=300):
+    """bash run.sh ARGS, its Python this one (run.sh runs $PYTHON, else the first python on PATH,
+    which need not be the environment pytest runs in)."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    return subprocess.run(
+        ["bash", os.path.join(HERE, "run.sh"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def torchrun(args, nproc=2, timeout=300, **kwargs):
@@ -1655,9 +1664,7 @@ def test_repeated_signals_end_with_one_line(tmp_path):
 
 
 def test_run_sh_gpu_without_cuda_is_one_line():
-    done = subprocess.run(
-        ["bash", os.path.join(HERE, "run.sh"), "gpu"], capture_output=True, text=True, timeout=120
-    )
+    done = run_sh("gpu", timeout=120)
     assert done.returncode == 2 and done.stdout.count("\n") + done.stderr.count("\n") == 1, (
         done.stdout,
         done.stderr,
@@ -1706,12 +1713,7 @@ def test_reconstruction_pictures_of_a_tiny_run(method, panels, tmp_path, capsys)
         == 0
     )
     before = sorted(os.listdir(HERE))
-    done = subprocess.run(
-        ["bash", os.path.join(HERE, "run.sh"), "reconstructions", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_sh("reconstructions", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(os.listdir(HERE)) == before and (out / "reconstructions.png").exists()
     width, height = Image.open(out / "reconstructions.png").size
