@@ -514,12 +514,10 @@ for split, n in (("train", 160), ("val", 40)):
 import json, os, sys
 timed = ("time", "second", "wall", "config", "torch")  # fields that differ run to run, or name the code
 for name in sorted(os.listdir(sys.argv[1])):
-    path = f"{sys.argv[1]}/{name}/log.jsonl"
-    for line in open(path).read().splitlines() if os.path.exists(path) else []:
-        print(name, {k: v for k, v in json.loads(line).items() if not any(t in k for t in timed)})
-    path = f"{sys.argv[1]}/{name}/results.json"
-    if os.path.exists(path):
-        print(name, {k: v for k, v in json.load(open(path)).items() if not any(t in k for t in timed)})
+    log, results = f"{sys.argv[1]}/{name}/log.jsonl", f"{sys.argv[1]}/{name}/results.json"
+    records = [json.loads(line) for line in open(log)] if os.path.exists(log) else []
+    for record in records + ([json.load(open(results))] if os.path.exists(results) else []):
+        print(name, {k: v for k, v in record.items() if not any(t in k for t in timed)})
 EOF
   cat "runs/$group/numbers.txt"
   ;;
